@@ -16,7 +16,7 @@ import torch
 
 from qapruner import ptq
 from qapruner.model import load, save, tiny
-from qapruner.pipeline import answer, calibrator, logits
+from qapruner.pipeline import answer, logits
 from qapruner.quant import sqnr_db
 from qapruner.scoring import Scoring
 
@@ -47,13 +47,12 @@ def run(model_dir: Path, retentions, max_new_tokens: int) -> None:
     images = [scene(0), scene(1)]
     prompts = ["USER: <image> what is the largest digit ? ASSISTANT:",
                "USER: <image> how many digits are there ? ASSISTANT:"]
-    calib = list(zip([scene(s) for s in range(10, 18)], prompts * 4))
     group = min(128, llava.model.config.text_config.hidden_size)
     print(f"model {llava.source}: {n} visual tokens per image\n")
     schemes = {"fp": None, "w4a4 (simulated)": ptq.PRESETS["w4a4"],
                "w4a4+rotation (simulated)": replace(ptq.PRESETS["w4a4"], rotate=True)}
     for label, scheme in schemes.items():
-        q = llava if scheme is None else ptq.apply(llava, scheme, calibrator(calib) if scheme.needs_calibration else None)
+        q = llava if scheme is None else ptq.apply(llava, scheme)
         for r in retentions:
             for name, scoring in (("semantic", Scoring(alpha=1.0, group_size=group)),
                                   ("qapruner", Scoring(alpha=0.7, group_size=group))):

@@ -84,9 +84,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Llava:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     _quiet_transformers()
-    model = LlavaForConditionalGeneration.from_pretrained(
-        p, attn_implementation="eager", dtype=dtype, local_files_only=True, trust_remote_code=False)
-    processor = AutoProcessor.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            p, attn_implementation="eager", dtype=dtype, local_files_only=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # missing shards or tokenizer files, corrupt safetensors: transformers says which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load {p}: {first}") from e
     return Llava(model.eval(), processor, str(p))
 
 
@@ -162,29 +166,50 @@ def _attention_index(layer: int, num_layers: int) -> int:
     return layer - 1 if layer > 0 else layer
 
 
+def _encoder_layers(tower) -> torch.nn.ModuleList:
+    # transformers 5.x CLIPVisionModel: tower.encoder.layers; older layouts: tower.vision_model.encoder.layers
+    for owner in (tower, getattr(tower, "vision_model", None)):
+        layers = getattr(getattr(owner, "encoder", None), "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the encoder layers of vision tower {type(tower).__name__} for CLS attention")
+
+
 @torch.no_grad()
 def encode_images(model, pixel_values: torch.Tensor, with_cls_attention: bool = False) -> dict[str, torch.Tensor]:
     """One vision pass: projected visual tokens `features` [B, N, D] (exactly what LLaVA's
-    get_image_features returns) and, if asked, the feature layer's `attentions` [B, H, 1+P, 1+P]."""
+    get_image_features returns) and, if asked, the feature layer's `attentions` [B, H, 1+P, 1+P].
+
+    The attention map is caught with a forward hook on that one layer's attention module, so the maps of the
+    other layers are never kept (CLIP-L at 336 px: ~0.5 GB per image for all 24 of them)."""
     cfg = model.config
-    layers = cfg.vision_feature_layer
     strategy = cfg.vision_feature_select_strategy
     tower = model.model.vision_tower
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
-    if with_cls_attention and tower.config._attn_implementation != "eager":
-        raise ValueError("CLS attention needs eager attention: load the model with qapruner.model.load")
-    out = tower(pixel_values.to(model.dtype), output_hidden_states=True, output_attentions=with_cls_attention,
-                return_dict=True)
-    chosen = [layers] if isinstance(layers, int) else list(layers)
+    chosen = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+    caught: list[torch.Tensor] = []
+    hook = None
+    if with_cls_attention:
+        if tower.config._attn_implementation != "eager":
+            raise ValueError("CLS attention needs eager attention: load the model with qapruner.model.load")
+        blocks = _encoder_layers(tower)
+        # for a multi-layer feature stack the last listed layer's attention is the semantic score
+        attn = blocks[_attention_index(chosen[-1], len(blocks))].self_attn
+        hook = attn.register_forward_hook(lambda mod, args, out: caught.append(out[1]))
+    try:
+        out = tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
+    finally:
+        if hook is not None:
+            hook.remove()
     hidden = [out.hidden_states[i] for i in chosen]
     if strategy == "default":
         hidden = [h[:, 1:] for h in hidden]
-    features = model.model.multi_modal_projector(torch.cat(hidden, dim=-1))
-    result = {"features": features}
+    result = {"features": model.model.multi_modal_projector(torch.cat(hidden, dim=-1))}
     if with_cls_attention:
-        # for a multi-layer feature stack the last listed layer's attention is the semantic score
-        result["attentions"] = out.attentions[_attention_index(chosen[-1], len(out.attentions))]
+        if len(caught) != 1 or caught[0] is None:
+            raise ValueError("the vision tower's attention layer returned no attention weights")
+        result["attentions"] = caught[0]
     return result
 
 

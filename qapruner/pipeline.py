@@ -61,7 +61,8 @@ def encode_inputs(llava: Llava, images, prompts) -> dict[str, torch.Tensor]:
         if p.count(token) != 1:
             raise ValueError(f"prompt {i} must contain the image placeholder {token!r} exactly once, "
                              f"found {p.count(token)}: {p[:60]!r}")
-    batch = llava.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # left padding whatever the tokenizer's default: greedy decoding reads the last position of every row
+    batch = llava.processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     n = llava.num_image_tokens
     counts = (batch["input_ids"] == llava.image_token_id).sum(dim=1)
     if (counts != n).any():
@@ -78,8 +79,10 @@ def semantic_scores(llava: Llava, source: str | None, encoded: dict, input_ids: 
     features = encoded["features"]
     if source == "cls":
         return cls_attention(encoded["attentions"], features.shape[1])
-    # mean embedding of the prompt's text tokens (no image placeholders, no padding)
-    text = (input_ids != llava.image_token_id) & attention_mask.bool()
+    # mean embedding of the prompt's text tokens: no image placeholders, padding or special tokens (BOS, ...);
+    # chat-template words count as text
+    special = torch.tensor(sorted(set(llava.processor.tokenizer.all_special_ids) | {llava.image_token_id}))
+    text = ~torch.isin(input_ids, special) & attention_mask.bool()
     emb = llava.model.get_input_embeddings()(torch.where(text, input_ids, torch.zeros_like(input_ids)))
     mean = (emb * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
     return text_relevance(features, mean)
@@ -191,7 +194,7 @@ def calibrator(pairs: Sequence[tuple], *, keep: int | None = None, retention: fl
     def run(llava: Llava) -> None:
         for image, prompt in pairs:
             p = prefill_inputs(llava, [image], [prompt], keep=keep, retention=retention, scoring=scoring)
-            _llm(llava, p.inputs_embeds, p.attention_mask, p.position_ids, None, logits_to_keep=1)
+            _llm(llava, p.inputs_embeds, p.attention_mask, p.position_ids, ptq.make_cache(llava), logits_to_keep=1)
     return run
 
 
@@ -245,11 +248,9 @@ def _main(argv=None) -> int:
                 raise ValueError(f"cannot read image {f}: {e}") from None
         scoring = Scoring(semantic=None if args.semantic == "none" else args.semantic, alpha=args.alpha,
                           group_size=args.group_size)
-        scheme = ptq.scheme_from_name(args.scheme, rotate=args.rotate, kv_bits=args.kv_bits,
-                                      **({"a_mode": args.act} if args.scheme in ("w4a4", "w4a8", "w8a8") else {}))
-        retention = args.retention if args.keep is None and args.retention is not None else None
-        if args.keep is None and retention is None:
-            retention = 1.0
+        overrides = {"a_mode": args.act} if ptq.PRESETS[args.scheme].a_bits is not None else {}
+        scheme = ptq.scheme_from_name(args.scheme, rotate=args.rotate, kv_bits=args.kv_bits, **overrides)
+        retention = None if args.keep is not None else (1.0 if args.retention is None else args.retention)
         calib = list(zip(images, args.prompt))  # a smoke-test calibration on the inputs themselves
         res = answer(llava, images, args.prompt, keep=args.keep, retention=retention, scoring=scoring,
                      scheme=scheme, calibration=calib, max_new_tokens=args.max_new_tokens)

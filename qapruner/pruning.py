@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -11,15 +12,15 @@ def resolve_k(n: int, keep: int | None = None, retention: float | None = None) -
     if (keep is None) == (retention is None):
         raise ValueError("give exactly one of keep (a token count) or retention (a fraction)")
     if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, int):
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):
             raise ValueError(f"keep must be an integer, got {keep!r}")
         if not 1 <= keep <= n:
             raise ValueError(f"keep must be in [1, {n}] (the image has {n} visual tokens), got {keep}")
-        return keep
-    if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 < retention <= 1:
+        return int(keep)
+    if isinstance(retention, bool) or not isinstance(retention, numbers.Real) or not 0 < retention <= 1:
         raise ValueError(f"retention must be a fraction in (0, 1], got {retention!r}")
-    # the 1e-9 keeps 0.3·10 = 3.0000000000000004 at 3 tokens
-    return max(1, math.ceil(retention * n - 1e-9))
+    # ceil with a 1e-9-token tolerance: 0.3·10 is 3.0000000000000004 in floating point and means 3 tokens
+    return max(1, math.ceil(float(retention) * n - 1e-9))
 
 
 def select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,8 +32,9 @@ def select(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"scores must be a tensor [B, N], got "
                          f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
     n = scores.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in [1, {n}], got {k!r}")
+    k = int(k)
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]

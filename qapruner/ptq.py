@@ -32,6 +32,9 @@ class Scheme:
     QAPruner paper's PTQ; "static" = symmetric per-tensor scales calibrated offline, as TensorRT INT8.
     rotate: QuaRot-style random Hadamard rotation of the residual stream and online Hadamard before down_proj.
     vision: also quantize the vision tower and projector (no rotation there).
+    sequential: calibrate block by block (vision tower, projector, then each decoder layer), each block's
+    statistics taken with every earlier block already quantized — GPTQ's order, and the activation ranges the
+    deployed low-bit model really produces (QUOTA's point). False: one pass over the float model.
     """
     w_bits: int | None = None
     a_bits: int | None = None
@@ -44,18 +47,24 @@ class Scheme:
     kv_bits: int | None = None
     vision: bool = False
     gptq_damp: float = 0.01
+    sequential: bool = True
     seed: int = 0
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits", "kv_bits"):
             v = getattr(self, f)
-            if v not in _BITS or isinstance(v, bool):
+            if v is not None and (type(v) is not int or v not in _BITS):
                 raise ValueError(f"{f} must be None (float) or an integer in [2, 8], got {v!r}")
+        for f in ("rotate", "vision", "sequential"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be True or False, got {getattr(self, f)!r}")
+        if type(self.seed) is not int:
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.w_granularity not in ("channel", "group"):
             raise ValueError(f"w_granularity must be 'channel' or 'group', got {self.w_granularity!r}")
         for f in ("w_group_size", "a_group_size"):
             v = getattr(self, f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            if v is not None and (type(v) is not int or v <= 0):
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
         if self.w_method not in ("rtn", "gptq"):
             raise ValueError(f"w_method must be 'rtn' or 'gptq', got {self.w_method!r}")
@@ -169,7 +178,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(w.clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.register_buffer("transform", None if transform is None else transform.to(w.dtype))
+        self.register_buffer("transform", None if transform is None else transform.to(w.dtype))  # no copy if same dtype
         self.register_buffer("act_scale", None)
         self.a_bits: int | None = None
         self.a_mode = "dynamic"
@@ -231,21 +240,38 @@ class QuantLinear(nn.Module):
 # residual stream by an orthogonal Q. Function-preserving in float; spreads outlier channels for quantization.
 
 def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
-    """Orthogonal [n, n] float64: a normalised Sylvester Hadamard with random column signs when n is a power
-    of two, otherwise a random orthogonal matrix (QR of a Gaussian)."""
+    """Orthogonal [n, n] float64. With n = 2^k·m (m odd): the normalised Sylvester Hadamard of size 2^k with
+    random column signs, Kronecker a random orthogonal m×m (QR of a Gaussian) — a pure random Hadamard when
+    n is a power of two (LLaMA-7B's 4096), and cheap for the rest (11008 = 256·43)."""
+    if n < 1:
+        raise ValueError(f"rotation size must be ≥ 1, got {n}")
     g = torch.Generator().manual_seed(seed)
-    if n & (n - 1) == 0:
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-        return h / math.sqrt(n) * signs[None, :]
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    p2 = n & -n  # largest power of two dividing n
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p2:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (p2,), generator=g).double() * 2 - 1
+    h = h / math.sqrt(p2) * signs[None, :]
+    m = n // p2
+    if m == 1:
+        return h
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    return torch.kron(h.contiguous(), (q * torch.sign(torch.diagonal(r))[None, :]).contiguous())
 
 
 def _set_weight(linear: nn.Module, w: torch.Tensor) -> None:
     linear.weight = nn.Parameter(w.to(linear.weight.dtype).contiguous(), requires_grad=False)
+
+
+@torch.no_grad()
+def _is_scaled_rmsnorm(norm: nn.Module) -> bool:
+    w = getattr(norm, "weight", None)
+    if w is None or w.dim() != 1:
+        return False
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    ref = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
+    return torch.allclose(norm(x).float(), ref.float(), rtol=1e-2, atol=1e-3)
 
 
 def rotate_(model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +283,9 @@ def rotate_(model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
     if not all(hasattr(first, a) for a in needed) or not hasattr(first.mlp, "down_proj"):
         raise ValueError(f"rotation supports Llama-style decoders, not {type(lm).__name__}")
+    for norm in (first.input_layernorm, first.post_attention_layernorm, lm.norm):
+        if not _is_scaled_rmsnorm(norm):
+            raise ValueError(f"rotation folds norms of the form w·x/rms(x); {type(norm).__name__} is not one")
     D = lm.config.hidden_size
     Q = random_hadamard(D, seed)
     H = random_hadamard(first.mlp.down_proj.in_features, seed + 1)
@@ -291,8 +320,8 @@ class QuantizedKVCache(DynamicCache):
     """A DynamicCache whose stored keys (after RoPE) and values are fake-quantized on write: asymmetric
     min-max per token and head over head_dim, `bits` bits."""
 
-    def __init__(self, bits: int):
-        super().__init__()
+    def __init__(self, bits: int, config=None):
+        super().__init__(config=config)
         qrange(bits, False)
         self.bits = bits
 
@@ -306,7 +335,8 @@ class QuantizedKVCache(DynamicCache):
 def make_cache(llava: Llava) -> DynamicCache:
     """The KV cache a generation with this model should use."""
     kv = getattr(llava.scheme, "kv_bits", None)
-    return QuantizedKVCache(kv) if kv else DynamicCache()
+    config = llava.model.config  # layer types (full or sliding-window attention) come from it
+    return QuantizedKVCache(kv, config) if kv else DynamicCache(config=config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,19 +378,39 @@ def apply(llava: Llava, scheme: Scheme, calibrate: Callable[[Llava], None] | Non
                          "calibration data: pass calibrate=qapruner.pipeline.calibrator(pairs, ...)")
     model = copy.deepcopy(llava.model)
     rotation, ffn = rotate_(model, scheme.seed) if scheme.rotate else (None, None)
-    if scheme.name == "fp":
-        return llava.replace(model=model, scheme=scheme, rotation=rotation)
+    if scheme.w_bits is None and scheme.a_bits is None and ffn is None:
+        return llava.replace(model=model, scheme=scheme)  # float weights and activations (KV cache aside)
+    if ffn is not None:
+        ffn = ffn.to(model.dtype)  # one tensor shared by every down_proj
     wrappers = {}
     for name, lin in _targets(model, scheme).items():
-        q = QuantLinear(lin, ffn if ffn is not None and name.endswith("mlp.down_proj")
-                        and name.startswith("model.language_model") else None)
+        online = ffn is not None and name.startswith("model.language_model") and name.endswith("mlp.down_proj")
+        q = QuantLinear(lin, ffn if online else None)
         _swap(model, name, q)
         wrappers[name] = q
-    staged = llava.replace(model=model, rotation=rotation)
-    if scheme.needs_calibration:
-        for q in wrappers.values():
-            q.observe, q.want_hessian = True, scheme.w_method == "gptq"
-        calibrate(staged)
-    for name, q in wrappers.items():
-        q.finalize(scheme, name)
-    return staged.replace(scheme=scheme)
+    # the scheme is visible during calibration, so that a quantized KV cache shapes the statistics too
+    staged = llava.replace(model=model, rotation=rotation, scheme=scheme)
+    blocks = _blocks(wrappers) if scheme.sequential else {"all": wrappers}
+    for block in blocks.values():
+        if scheme.needs_calibration:
+            for q in block.values():
+                q.observe, q.want_hessian = True, scheme.w_method == "gptq"
+            calibrate(staged)
+        for name, q in block.items():
+            q.finalize(scheme, name)
+    return staged
+
+
+def _blocks(wrappers: dict[str, QuantLinear]) -> dict[str, dict[str, QuantLinear]]:
+    """Wrappers grouped in forward order: vision tower, projector, then decoder layer by layer."""
+    def key(name: str) -> tuple:
+        if name.startswith("model.vision_tower"):
+            return (0, 0)
+        if name.startswith("model.multi_modal_projector"):
+            return (1, 0)
+        parts = name.split(".")
+        return (2, int(parts[parts.index("layers") + 1])) if "layers" in parts else (3, 0)
+    blocks: dict[str, dict[str, QuantLinear]] = {}
+    for name in sorted(wrappers, key=key):
+        blocks.setdefault(str(key(name)), {})[name] = wrappers[name]
+    return blocks

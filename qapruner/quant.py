@@ -62,11 +62,11 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def compute_params(x: torch.Tensor, bits: int, *, symmetric: bool = True, granularity: str = "tensor",
-                   group_size: int | None = None, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max (scale, zero) for `x`.
+                   group_size: int | None = None, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max (scale, zero) for `x`, ready for `quantize(x, scale, zero, ...)`.
 
     Shapes: broadcastable to `x` for tensor/channel/token; [..., D/G] for group (one per group; `quantize`
-    expands them). `zero` is all zeros when symmetric.
+    expands them). `zero` is None when symmetric (the signed grid has no zero point).
     """
     _check(x, granularity, group_size, axis)
     qmin, qmax = qrange(bits, symmetric)
@@ -74,14 +74,15 @@ def compute_params(x: torch.Tensor, bits: int, *, symmetric: bool = True, granul
     dims = _reduce_dims(v, granularity, axis)
     if symmetric:
         scale = v.abs().amax(dim=dims, keepdim=True) / qmax
-        zero = torch.zeros_like(scale)
+        zero = None
     else:
         lo = v.amin(dim=dims, keepdim=True).clamp(max=0)
         hi = v.amax(dim=dims, keepdim=True).clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
         zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
     if granularity == "group":
-        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+        scale = scale.squeeze(-1)
+        zero = None if zero is None else zero.squeeze(-1)
     return scale, zero
 
 
@@ -146,8 +147,8 @@ def fake_quantize(x: torch.Tensor, bits: int, *, symmetric: bool = True, granula
         if not symmetric:
             raise ValueError("a given scale is only supported for symmetric quantization")
         zero = None
-    q = quantize(x, scale, None if symmetric else zero, bits=bits, group_size=gs)
-    return dequantize(q, scale.to(x.dtype), None if symmetric else zero, group_size=gs)
+    q = quantize(x, scale, zero, bits=bits, group_size=gs)
+    return dequantize(q, scale.to(x.dtype), zero, group_size=gs)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ norm is min-max over the N tokens of one image; a constant vector normalises to 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,11 @@ class Scoring:
 
 
 def _check_args(alpha, group_size, bits, sq_mode) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
     if sq_mode not in SQ_MODES:
         raise ValueError(f"sq_mode must be one of {SQ_MODES}, got {sq_mode!r}")
@@ -87,27 +88,27 @@ def hybrid_scores(features: torch.Tensor, semantic: torch.Tensor | None = None, 
                   group_size: int = 128, bits: int = 4, sq_mode: str = "hybrid") -> dict[str, torch.Tensor]:
     """QAPruner's fused score (Eq. 4-5). features [B, N, D], semantic [B, N] (raw; normalised here) or None.
 
-    Returns float32 tensors E, R, SQ, SP, S, each [B, N]. Without a semantic score SP is zeros and S = SQ.
+    Returns float32 tensors E, R, SQ, SP, S, each [B, N]. Without a semantic score SP is zeros.
     """
     _check_features(features)
     _check_args(alpha, group_size, bits, sq_mode)
+    alpha, group_size, bits = float(alpha), int(group_size), int(bits)  # numpy scalars welcome
     B, N, _ = features.shape
     E = quantization_error(features, group_size, bits)
     R = token_range(features)
     sq = {"hybrid": lambda: 0.5 * minmax_normalize(E) + 0.5 * minmax_normalize(R),
           "error": lambda: minmax_normalize(E),
           "range": lambda: minmax_normalize(R)}[sq_mode]()
-    if semantic is None:
+    if semantic is None:  # S^P = 0: S = (1 − α)·S^Q ranks as S^Q does
         if alpha == 1:
             raise ValueError("alpha=1 ranks by the semantic score alone, but no semantic score was given")
         sp = torch.zeros_like(sq)
-        s = sq
     else:
         if not torch.is_tensor(semantic) or tuple(semantic.shape) != (B, N):
             raise ValueError(f"semantic must be a tensor [B, N] = [{B}, {N}], got "
                              f"{tuple(semantic.shape) if torch.is_tensor(semantic) else type(semantic).__name__}")
         sp = minmax_normalize(semantic.float())
-        s = alpha * sp + (1 - alpha) * sq
+    s = alpha * sp + (1 - alpha) * sq
     if torch.isnan(s).any():
         raise ValueError("scores contain NaN: the semantic score holds NaN or Inf values")
     return {"E": E, "R": R, "SQ": sq, "SP": sp, "S": s}

@@ -69,6 +69,18 @@ def test_load_errors(tmp_path, llava):
     (noweights / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pickle"):
         load(noweights)
+    noproc = save(llava, tmp_path / "noproc")
+    (noproc / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no processor files"):
+        load(noproc)
+    notok = save(llava, tmp_path / "notok")
+    (notok / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"^cannot load .*notok: [^\n]*$"):
+        load(notok)
+    corrupt = save(llava, tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot load"):
+        load(corrupt)
 
 
 def test_cli_tiny_and_info(tmp_path):
@@ -96,3 +108,22 @@ def test_llava15_shaped_directory_loads_and_prunes(tmp_path):
     img = Image.new("RGB", (500, 375), (120, 30, 200))
     res = answer(back, [img], ["USER: <image>\nwhat is this ? ASSISTANT:"], retention=0.125, max_new_tokens=1)
     assert res.indices.shape == (1, 72)
+
+
+def test_cls_attention_is_the_feature_layers_softmax(llava, images):
+    """Independent of encode_images: recompute layer L−2's attention (whose output is hidden_states[−2]) from
+    its input with the layer's own norm and projections."""
+    px = encode_inputs(llava, images[:2], ["USER: <image> a"] * 2)["pixel_values"]
+    got = encode_images(llava.model, px, with_cls_attention=True)["attentions"]
+    tower = llava.model.model.vision_tower
+    with torch.no_grad():
+        out = tower(px, output_hidden_states=True)
+        idx = len(tower.encoder.layers) - 2
+        layer = tower.encoder.layers[idx]
+        x = layer.layer_norm1(out.hidden_states[idx])
+        B, T, C = x.shape
+        h = layer.self_attn.num_heads
+        q = layer.self_attn.q_proj(x).view(B, T, h, C // h).transpose(1, 2)
+        k = layer.self_attn.k_proj(x).view(B, T, h, C // h).transpose(1, 2)
+        ref = torch.softmax(q @ k.transpose(-1, -2) * (C // h) ** -0.5, dim=-1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,28 @@ def test_alpha_one_keeps_top_cls_attention(llava, images, prompts):
     torch.testing.assert_close(p.scores["SP"], minmax_normalize(att))
 
 
+def test_text_semantic_is_cosine_to_the_mean_text_embedding(llava, images):
+    prompt = "USER: <image> is there a red digit ? ASSISTANT:"
+    p = prefill_inputs(llava, images[:1], [prompt], keep=8, scoring=Scoring("text", 1.0))
+    tok = llava.processor.tokenizer
+    words = prompt.replace("<image>", "").split()
+    mean = llava.model.get_input_embeddings().weight[[tok.convert_tokens_to_ids(w) for w in words]].mean(0)
+    px = encode_inputs(llava, images[:1], [prompt])["pixel_values"]
+    feats = encode_images(llava.model, px)["features"][0]
+    cos = torch.nn.functional.cosine_similarity(feats, mean[None], dim=-1)
+    torch.testing.assert_close(p.scores["SP"][0], minmax_normalize(cos[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_tokenizers_give_the_same_answers(images, prompts):
+    from qapruner.model import tiny
+
+    right = tiny(seed=0)
+    right.processor.tokenizer.padding_side = "right"
+    ref = answer(tiny(seed=0), images, prompts, keep=8, max_new_tokens=3)
+    got = answer(right, images, prompts, keep=8, max_new_tokens=3)
+    assert got.texts == ref.texts and torch.equal(got.token_ids, ref.token_ids)
+
+
 def test_text_semantic_depends_on_the_prompt(llava, images):
     a = prefill_inputs(llava, images[:1], ["USER: <image> red ASSISTANT:"], keep=8, scoring=Scoring("text", 1.0))
     b = prefill_inputs(llava, images[:1], ["USER: <image> nine ASSISTANT:"], keep=8, scoring=Scoring("text", 1.0))

@@ -63,3 +63,11 @@ def test_select_and_prune_errors():
         prune(torch.rand(1, 4, 2), torch.tensor([[1, 4]]))
     with pytest.raises(ValueError, match="int64"):
         prune(torch.rand(1, 4, 2), torch.tensor([[1, 2]], dtype=torch.int32))
+
+
+def test_numpy_scalars_are_accepted():
+    import numpy as np
+
+    assert resolve_k(256, keep=np.int64(32)) == 32 and isinstance(resolve_k(256, keep=np.int64(32)), int)
+    assert resolve_k(256, retention=np.float32(0.125)) == 32
+    assert select(torch.tensor([[0.1, 0.9, 0.5]]), np.int64(2)).tolist() == [[1, 2]]

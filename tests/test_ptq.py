@@ -38,6 +38,8 @@ def dataclasses_frozen_error():
     (dict(w_granularity="row"), "w_granularity"), (dict(w_group_size=0), "w_group_size"),
     (dict(w_method="awq"), "w_method"), (dict(w_method="gptq"), "GPTQ needs"), (dict(a_mode="smooth"), "a_mode"),
     (dict(a_bits=8, a_mode="static", a_group_size=32), "static"), (dict(gptq_damp=0), "gptq_damp"),
+    (dict(w_bits=4.0), "w_bits"), (dict(w_bits=True), "w_bits"), (dict(rotate="no"), "rotate"),
+    (dict(a_bits=4, a_group_size=32.0), "a_group_size"), (dict(seed=1.5), "seed"),
 ])
 def test_scheme_validates_itself(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -57,7 +59,25 @@ def test_more_bits_closer_to_float(llava, images, prompts):
 
 
 def test_rotation_preserves_the_float_function(llava, images, prompts):
+    rotated = ptq.apply(llava, Scheme(rotate=True))
+    downs = [m for n, m in ptq.quant_linears(rotated.model).items() if n.endswith("down_proj")]
+    assert len(downs) == 2 and downs[0].transform is not None  # the online Hadamard is in the path
+    assert downs[0].transform.data_ptr() == downs[1].transform.data_ptr()  # one matrix, shared
     assert _sqnr(llava, Scheme(rotate=True), images, prompts) > 80
+
+
+def test_rotation_refuses_norms_it_cannot_fold(llava):
+    class OnePlusRMSNorm(torch.nn.Module):  # Gemma style: (1 + w)·x/rms(x)
+        def __init__(self, n):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    odd = ptq.copy.deepcopy(llava.model)
+    odd.model.language_model.layers[0].input_layernorm = OnePlusRMSNorm(128)
+    with pytest.raises(ValueError, match="folds norms"):
+        ptq.apply(llava.replace(model=odd), Scheme(rotate=True))
 
 
 def test_w4a4_with_rotation_beats_without_on_outlier_channels(outlier_llava, images, prompts):
@@ -113,10 +133,27 @@ def test_apply_copies_and_checks(llava):
 
 
 def test_random_hadamard_is_orthogonal():
-    for n in (8, 128, 96):
+    h = random_hadamard(16, seed=2)
+    assert torch.allclose(h.abs(), torch.full((16, 16), 0.25, dtype=torch.float64))  # a ±1/√n Hadamard
+    for n in (8, 128, 96, 40, 43):
         q = random_hadamard(n, seed=1)
         torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64))
     assert torch.equal(random_hadamard(64, 3), random_hadamard(64, 3))
+
+
+def test_quantized_kv_cache_quantizes_each_token_once_per_head():
+    from qapruner.quant import fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    cache = ptq.QuantizedKVCache(4)
+    k1, v1 = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    k, v = cache.update(k1, v1, 0)
+    ref_k = fake_quantize(k1, 4, symmetric=False, granularity="token")  # per (batch, head, token) over head_dim
+    assert torch.equal(k, ref_k) and torch.equal(v, fake_quantize(v1, 4, symmetric=False, granularity="token"))
+    k2 = torch.randn(1, 2, 1, 8, generator=g)
+    k, _ = cache.update(k2, torch.randn(1, 2, 1, 8, generator=g), 0)
+    assert k.shape == (1, 2, 6, 8) and torch.equal(k[:, :, :5], ref_k)  # stored values are not re-quantized
+    assert torch.equal(k[:, :, 5:], fake_quantize(k2, 4, symmetric=False, granularity="token"))
 
 
 def test_quantized_kv_cache(llava, images, prompts):
@@ -140,3 +177,37 @@ def test_quantlinear_observes_after_transform():
     xt = (x @ t).double()
     torch.testing.assert_close(q.hessian, xt.T @ xt)
     assert q.amax == pytest.approx(float(xt.abs().max()), rel=1e-6) and q.tokens == 3
+
+
+def test_sequential_calibration_sees_quantized_predecessors(llava):
+    calls = []
+    base = calibrator(CALIB[:2])
+
+    def counting(model):
+        calls.append(1)
+        base(model)
+    scheme = replace(PRESETS["w4a4"], a_mode="static")
+    seq = ptq.apply(llava, scheme, counting)
+    assert len(calls) == 2  # one pass per decoder layer
+    one = ptq.apply(llava, replace(scheme, sequential=False), counting)
+    assert len(calls) == 3
+    s_seq = {n: m.act_scale for n, m in ptq.quant_linears(seq.model).items()}
+    s_one = {n: m.act_scale for n, m in ptq.quant_linears(one.model).items()}
+    first = [n for n in s_seq if ".layers.0." in n]
+    later = [n for n in s_seq if ".layers.1." in n]
+    assert all(torch.equal(s_seq[n], s_one[n]) for n in first)  # nothing quantized before layer 0
+    assert any(not torch.equal(s_seq[n], s_one[n]) for n in later)
+
+
+def test_half_precision_models(llava, images, prompts):
+    from qapruner.model import tiny
+    from qapruner.pipeline import encode_inputs
+
+    half = llava.replace(model=tiny(seed=0).model.to(torch.bfloat16))
+    batch = encode_inputs(half, images[:1], prompts[:1])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        ref = half.model(**batch).logits
+    assert torch.equal(logits(half, images[:1], prompts[:1], retention=1.0), ref)
+    q = ptq.apply(half, replace(PRESETS["w4a4"], rotate=True, kv_bits=4))
+    assert logits(q, images[:1], prompts[:1], keep=8).dtype == torch.bfloat16

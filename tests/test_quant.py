@@ -65,11 +65,12 @@ def test_quantize_dequantize_round_trip_is_fake_quantize(symmetric):
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
     scale, zero = compute_params(x, 4, symmetric=symmetric, granularity="group", group_size=8)
     assert scale.shape == (4, 2)
-    q = quantize(x, scale, None if symmetric else zero, bits=4, group_size=8)
+    assert (zero is None) == symmetric
+    q = quantize(x, scale, zero, bits=4, group_size=8)
     qmin, qmax = qrange(4, symmetric)
     assert q.dtype == (torch.int8 if symmetric else torch.uint8)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
-    back = dequantize(q, scale, None if symmetric else zero, group_size=8)
+    back = dequantize(q, scale, zero, group_size=8)
     assert torch.equal(back, fake_quantize(x, 4, symmetric=symmetric, granularity="group", group_size=8))
 
 
