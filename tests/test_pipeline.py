@@ -44,8 +44,15 @@ def test_pruned_prefill_shapes_and_order(llava, images, prompts):
     row = 0
     start = int((full["input_ids"][row] == llava.image_token_id).nonzero()[0])
     torch.testing.assert_close(p.inputs_embeds[row, start:start + 8], enc["features"][row, p.indices[row]])
-    # positions count only real tokens
-    assert p.position_ids[0].tolist() == list(range(p.position_ids.shape[1]))
+    # original positions: the kept tokens keep theirs, text after the image continues unpruned numbering
+    row_pos = p.position_ids[0].tolist()
+    assert row_pos[start:start + 8] == [start + int(i) for i in p.indices[0]]
+    assert row_pos[start + 8] == start + 64 and row_pos[:start] == list(range(start))
+    c = prefill_inputs(llava, images, prompts, keep=8, positions="contiguous")
+    assert c.position_ids[0].tolist() == list(range(c.position_ids.shape[1]))
+    torch.testing.assert_close(c.inputs_embeds, p.inputs_embeds)
+    with pytest.raises(ValueError, match="positions"):
+        prefill_inputs(llava, images[:1], prompts[:1], keep=8, positions="shifted")
 
 
 def test_alpha_one_keeps_top_cls_attention(llava, images, prompts):
@@ -88,10 +95,11 @@ def test_text_semantic_depends_on_the_prompt(llava, images):
 def test_greedy_cache_decoding_equals_recomputation(llava, images, prompts):
     p = prefill_inputs(llava, images[:2], prompts[:2], retention=0.5)
     ids = generate(llava, p, max_new_tokens=4)
-    embeds, mask = p.inputs_embeds, p.attention_mask
+    embeds, mask, pos = p.inputs_embeds, p.attention_mask, p.position_ids
     embed = llava.model.get_input_embeddings()
     for step in range(ids.shape[1]):
-        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        if step:
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
         with torch.no_grad():
             nxt = _llm(llava, embeds, mask, pos, None).logits[:, -1].argmax(-1)
         assert torch.equal(nxt, ids[:, step])
@@ -163,7 +171,9 @@ def test_splice_keeps_text_and_drops_unkept(llava):
     ids = torch.tensor([[5] + [llava.image_token_id] * n + [7, 8]])
     feats = torch.arange(n, dtype=torch.float32)[None, :, None].expand(1, n, 128).contiguous()
     emb, mask, pos = splice(llava, ids, torch.ones_like(ids), feats, torch.tensor([[3, 10, 63]]))
-    assert emb.shape == (1, 6, 128) and pos.tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert emb.shape == (1, 6, 128) and pos.tolist() == [[0, 4, 11, 64, 65, 66]]
+    _, _, pos = splice(llava, ids, torch.ones_like(ids), feats, torch.tensor([[3, 10, 63]]), "contiguous")
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 5]]
     assert emb[0, 1:4, 0].tolist() == [3.0, 10.0, 63.0]
     table = llava.model.get_input_embeddings().weight
     assert torch.equal(emb[0, 0], table[5]) and torch.equal(emb[0, 4], table[7])
