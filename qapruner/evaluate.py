@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from qapruner import data, ptq
 from qapruner.model import Llava, load

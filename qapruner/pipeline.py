@@ -16,7 +16,7 @@ import torch
 
 from qapruner import ptq
 from qapruner.model import Llava, encode_images, load
-from qapruner.pruning import prune, resolve_k, select
+from qapruner.pruning import resolve_k, select
 from qapruner.scoring import Scoring, cls_attention, hybrid_scores, text_relevance
 
 

@@ -10,7 +10,6 @@ from qapruner.pipeline import (_llm, answer, calibrator, encode_inputs, generate
                                splice)
 from qapruner.scoring import Scoring, cls_attention, minmax_normalize
 from qapruner.model import encode_images
-from tests.conftest import make_images
 
 
 def test_keep_all_reproduces_unpruned_logits_exactly(llava, images, prompts):
