@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo train bench-accuracy clean
+.PHONY: setup test demo train bench-accuracy export compare clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,22 @@ bench-accuracy: setup
 	$(PY) -m qapruner.evaluate --model models/digits-llava --questions 200 --calib-seeds 3 \
 	  --methods w4a4-qapruner --retention 0.125 --alpha 0 0.1 0.3 0.5 0.7 0.9 1 \
 	  --semantic cls --act dynamic --out docs/results/alpha-sweep.json
+
+# The exported artifacts of the embedded model at 12.5% retention (K = 32 of 256), one per deployable precision.
+EXPORT := $(PY) -m export --model models/digits-llava --retention 0.125 --force
+export: setup
+	$(EXPORT) --out engines/digits-r0.125-fp32
+	$(EXPORT) --out engines/digits-r0.125-text-fp32 --semantic text
+	$(EXPORT) --out engines/digits-r0.125-w4a16 --llm w4a16
+	$(EXPORT) --out engines/digits-r0.125-w4a8 --llm w4a8
+	$(EXPORT) --out engines/digits-r0.125-int8-w8a8 --vision int8 --llm w8a8
+	$(EXPORT) --out engines/digits-r0.125-int8-w8a8-fullcalib --vision int8 --llm w8a8 --calib-tokens full
+
+# torch vs ONNX Runtime (polygraphy) for each artifact: docs/results/parity.{json,md}, JSON reports in build/compare/.
+compare: export
+	$(PY) -m export.compare engines/digits-r0.125-fp32 engines/digits-r0.125-text-fp32 \
+	  engines/digits-r0.125-w4a16 engines/digits-r0.125-w4a8 engines/digits-r0.125-int8-w8a8 \
+	  engines/digits-r0.125-int8-w8a8-fullcalib --questions 200 --out docs/results/parity.json
 
 clean:
 	rm -rf build .pytest_cache

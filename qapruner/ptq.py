@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from qapruner.model import Llava
-from qapruner.quant import fake_quantize, qrange
+from qapruner.quant import compute_params, fake_quantize, qrange
 
 _BITS = (None, 2, 3, 4, 5, 6, 7, 8)
 
@@ -113,20 +113,28 @@ def scheme_from_name(name: str, **overrides) -> Scheme:
 # ---------------------------------------------------------------------------------------------------------
 # Weights
 
-def rtn_weight(w: torch.Tensor, bits: int, granularity: str, group_size: int) -> torch.Tensor:
-    """Round-to-nearest symmetric fake quantization of a weight [out, in]."""
+def rtn_weight(w: torch.Tensor, bits: int, granularity: str, group_size: int,
+               return_scale: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric fake quantization of a weight [out, in]. With `return_scale`, also the
+    scales [out, in/G] ("group") or [out, 1] ("channel"): the weight is exactly codes · scale."""
     if w.dim() != 2:
         raise ValueError(f"weights must be [out, in], got {tuple(w.shape)}")
     if granularity == "group":
-        return fake_quantize(w, bits, granularity="group", group_size=group_size)
-    return fake_quantize(w, bits, granularity="channel", axis=0)
+        q = fake_quantize(w, bits, granularity="group", group_size=group_size)
+        scale = compute_params(w, bits, granularity="group", group_size=group_size)[0]
+    else:
+        q = fake_quantize(w, bits, granularity="channel", axis=0)
+        scale = compute_params(w, bits, granularity="channel", axis=0)[0]
+    return (q, scale) if return_scale else q
 
 
 def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, granularity: str, group_size: int,
-                damp: float = 0.01, block: int = 128) -> torch.Tensor:
+                damp: float = 0.01, block: int = 128,
+                return_scale: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al., 2023, Alg. 1): quantize columns in order, spreading each column's error over the
     not-yet-quantized columns through the inverse Hessian's Cholesky factor. w [out, in],
-    hessian [in, in] = Σ xᵀx over calibration tokens. Returns the fake-quantized weight [out, in]."""
+    hessian [in, in] = Σ xᵀx over calibration tokens. Returns the fake-quantized weight [out, in] (and with
+    `return_scale` the scales used, [out, in/G] or [out, 1], so that the weight is exactly codes · scale)."""
     out_f, in_f = w.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"hessian must be [{in_f}, {in_f}], got {tuple(hessian.shape)}")
@@ -145,6 +153,7 @@ def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, granularity: 
         block = group_size * max(1, block // group_size)  # a group never straddles two blocks
     else:
         scale = W.abs().amax(dim=1) / qmax
+    scales = []
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = W[:, i1:i2].clone()
@@ -153,6 +162,7 @@ def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, granularity: 
             col = i1 + j
             if granularity == "group" and col % group_size == 0:
                 scale = W1[:, j:j + group_size].abs().amax(dim=1) / qmax
+                scales.append(scale)
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             q = torch.clamp(torch.round(W1[:, j] / safe), qmin, qmax) * scale
             Q[:, col] = q
@@ -160,7 +170,11 @@ def gptq_weight(w: torch.Tensor, hessian: torch.Tensor, bits: int, granularity: 
             W1[:, j:] -= e[:, None] * U[col, col:i2][None, :]
             err[:, j] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
-    return Q.to(w.dtype)
+    if not return_scale:
+        return Q.to(w.dtype)
+    scale = torch.stack(scales, 1) if granularity == "group" else scale[:, None]
+    # float32 codes·scale must reproduce the float32 weight: round through the stored dtype
+    return Q.to(w.dtype), scale.to(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +194,8 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.register_buffer("transform", None if transform is None else transform.to(w.dtype))  # no copy if same dtype
         self.register_buffer("act_scale", None)
+        self.register_buffer("w_scale", None)  # [out, in/G] or [out, 1] once weights are quantized
+        self.w_bits: int | None = None
         self.a_bits: int | None = None
         self.a_mode = "dynamic"
         self.a_group_size: int | None = None
@@ -218,11 +234,14 @@ class QuantLinear(nn.Module):
             if scheme.w_method == "gptq":
                 if self.hessian is None:
                     raise ValueError(f"GPTQ saw no calibration input for {name}")
-                w = gptq_weight(self.weight, self.hessian, scheme.w_bits, scheme.w_granularity,
-                                scheme.w_group_size, scheme.gptq_damp)
+                w, scale = gptq_weight(self.weight, self.hessian, scheme.w_bits, scheme.w_granularity,
+                                       scheme.w_group_size, scheme.gptq_damp, return_scale=True)
             else:
-                w = rtn_weight(self.weight, scheme.w_bits, scheme.w_granularity, scheme.w_group_size)
+                w, scale = rtn_weight(self.weight, scheme.w_bits, scheme.w_granularity, scheme.w_group_size,
+                                      return_scale=True)
             self.weight.data.copy_(w)
+            # weight == codes · w_scale: the exporter writes these codes as INT4/INT8 initializers
+            self.w_scale, self.w_bits = scale.to(self.weight.dtype), scheme.w_bits
         self.hessian = None
         if scheme.a_bits is not None:
             if scheme.a_mode == "dynamic" and scheme.a_group_size and self.in_features % scheme.a_group_size:

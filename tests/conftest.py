@@ -43,3 +43,21 @@ def images():
 @pytest.fixture(scope="session")
 def prompts():
     return list(PROMPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, llava):
+    """The tiny LLaVA saved as a llava-hf directory (what `python -m export --model` reads)."""
+    from qapruner.model import save
+
+    return save(llava, tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    """A small calibration folder in the shipped format (8 DigitsVQA pairs)."""
+    from export.calibration import build
+
+    out = tmp_path_factory.mktemp("calib") / "calibration"
+    build(out, n_scenes=6, photo_scenes=1, include_matplotlib=False)
+    return out

@@ -100,6 +100,24 @@ def test_gptq_beats_rtn_and_equals_rtn_without_correlation(llava, images, prompt
         _sqnr(llava, PRESETS["w4a16"], images, prompts) + 3
 
 
+def test_weights_are_integer_codes_times_the_returned_scales():
+    """What the exporter writes as INT4/INT8 initializers: weight == codes · scale on the signed grid."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = x.T.double() @ x.double()
+    for bits, gran in ((4, "group"), (4, "channel"), (8, "channel"), (3, "group")):
+        for fn in (lambda: rtn_weight(w, bits, gran, 16, return_scale=True),
+                   lambda: gptq_weight(w, h, bits, gran, 16, return_scale=True)):
+            q, scale = fn()
+            assert scale.shape == ((24, 4) if gran == "group" else (24, 1))
+            expanded = scale.repeat_interleave(64 // scale.shape[1], 1)
+            codes = q / expanded
+            torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+            assert codes.round().min() >= -(2 ** (bits - 1)) and codes.round().max() <= 2 ** (bits - 1) - 1
+            torch.testing.assert_close(codes.round() * expanded, q, rtol=0, atol=1e-6)
+
+
 def test_static_scales_depend_on_the_calibrated_token_set(llava):
     scheme = replace(PRESETS["w8a8"], a_mode="static")
     full = ptq.apply(llava, scheme, calibrator(CALIB))

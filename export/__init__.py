@@ -1,0 +1,1 @@
+"""ONNX export of the QAPruner pipeline (vision + scoring/pruning subgraph, quantized LLM)."""

@@ -1,0 +1,326 @@
+"""Parity of exported artifacts: torch vs ONNX Runtime (and ONNX Runtime vs TensorRT where it exists).
+
+For each artifact (`engines/NAME/`, built by `python -m export`):
+1. Polygraphy compares each graph's outputs, torch vs ONNX Runtime, with stated per-output tolerances
+   (`TOLERANCES`) on the calibration pairs; the JSON run results are saved.
+2. Kept-index agreement: |kept_onnx ∩ kept_torch| / K per calibration image (torch in float).
+3. Greedy answers of the ONNX Runtime chain (vision.onnx -> numpy splice -> llm.onnx with KV cache) vs the
+   torch pipeline under the same simulated scheme, on DigitsVQA test questions.
+The torch reference of a quantized artifact is rebuilt from the manifest: same scheme, same calibration pairs,
+same K. `python -m export.compare` writes docs/results/parity.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.artifact import llm_feeds, vision_feeds
+from qapruner import ptq
+from qapruner.scoring import Scoring
+
+# Per-output elementwise tolerances (atol, rtol) of ONNX Runtime against torch under the same simulated scheme
+# (an element fails when it exceeds both, polygraphy's rule), and a floor on the median SQNR of every output.
+# Float graphs and W4A16 (INT4 weights, float activations): float32 round-off. INT8 activations (W8A8's static
+# Q/DQ, MatMulNBits' INT8 activations in W4A8) are ONNX Runtime's own quantizers — its scales, per-block
+# rather than per-token activations — not the torch simulation's bit for bit: their elementwise bounds are
+# loose (about twice the worst error measured on the embedded model) and the SQNR floor is the real check.
+TOLERANCES = {
+    ("vision", "fp32"): {"tokens": (1e-4, 1e-3), "scores": (1e-4, 1e-3), "sqnr_db": 80},
+    ("vision", "int8"): {"scores": (0.1, 0.1), "sqnr_db": 25},
+    ("llm", "fp32"): {"logits": (1e-3, 1e-3), "present": (1e-4, 1e-3), "sqnr_db": 80},
+    ("llm", "w4a16"): {"logits": (1e-3, 1e-3), "present": (1e-4, 1e-3), "sqnr_db": 80},
+    ("llm", "w4a8"): {"logits": (0.25, 0.1), "present": (0.6, 0.25), "sqnr_db": 30},
+    ("llm", "w8a8"): {"logits": (1.0, 0.25), "present": (4.0, 0.5), "sqnr_db": 25},
+}
+
+
+def scoring_of(manifest: dict) -> Scoring:
+    return Scoring(semantic=manifest["semantic"], alpha=manifest["alpha"], group_size=manifest["group_size"],
+                   bits=manifest["bits"], sq_mode=manifest["sq_mode"])
+
+
+def reference(llava, manifest: dict, pairs):
+    """The torch model under the artifact's simulated scheme, calibrated as the export was: the LLM's scheme
+    (W4 codes, or W8A8 static) and, for an INT8 vision graph, the tower's and projector's linears fake-quantized
+    W8A8 with static per-tensor activations (the patch-embedding Conv stays float, as in the graph)."""
+    import copy
+
+    from qapruner.pipeline import calibrator
+
+    llm, vision_int8 = manifest["llm"]["precision"], manifest["vision"]["precision"] == "int8"
+    int8 = ptq.Scheme(w_bits=8, a_bits=8, w_granularity="channel", a_mode="static")
+    if llm == "fp32":
+        scheme = None
+    elif llm in ("w4a16", "w4a8"):
+        scheme = ptq.Scheme(w_bits=4, a_bits=8 if llm == "w4a8" else None,
+                            w_group_size=manifest["llm"]["block_size"], w_method=manifest["llm"]["w_method"])
+    elif llm == "w8a8":
+        scheme = int8
+    else:
+        raise ValueError(f"no torch reference for LLM precision {llm!r}")
+    k = manifest["keep"] if manifest["calibration"]["tokens"] == "pruned" else manifest["num_image_tokens"]
+
+    def calib(s):
+        return calibrator(pairs, keep=k, scoring=scoring_of(manifest), positions=manifest["positions"]) \
+            if s.needs_calibration else None
+    if vision_int8 and scheme == int8:  # one scheme end to end, calibrated block by block from the pixels
+        full = dataclasses.replace(int8, vision=True)
+        return ptq.apply(llava, full, calib(full))
+    ref = llava if scheme is None else ptq.apply(llava, scheme, calib(scheme))
+    if not vision_int8:
+        return ref
+    vision = ptq.apply(llava, dataclasses.replace(int8, vision=True), calib(int8))
+    model = copy.deepcopy(ref.model)  # the LLM of `ref` behind the simulated-INT8 vision side of `vision`
+    model.model.vision_tower = vision.model.model.vision_tower
+    model.model.multi_modal_projector = vision.model.model.multi_modal_projector
+    return ref.replace(model=model, scheme=ref.scheme or vision.scheme)
+
+
+def _tolerance_key(output: str) -> str:
+    return "present" if output.startswith("present.") else output
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(((ref.astype(np.float64) - got) ** 2).sum())
+    return float("inf") if noise == 0 else float(10 * np.log10(float((ref.astype(np.float64) ** 2).sum()) / noise))
+
+
+def polygraphy_compare(session_factory, feeds: list[dict], torch_outputs: list[dict], tolerances: dict,
+                       save: Path | None = None) -> dict:
+    """Run the ONNX Runtime session through polygraphy on `feeds` and compare with the torch outputs."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # the per-output histograms go to the saved JSON, not stdout
+    runner = OnnxrtRunner(session_factory, name="onnxruntime")
+    results = Comparator.run([runner], data_loader=feeds)
+    ref = RunResults()
+    ref.append(("torch", [IterationResult({k: v for k, v in o.items()}, runner_name="torch")
+                          for o in torch_outputs]))
+    results.extend(ref)
+    names = list(torch_outputs[0])
+    atol = {n: tolerances[_tolerance_key(n)][0] for n in names}
+    rtol = {n: tolerances[_tolerance_key(n)][1] for n in names}
+    verdict = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol),
+                                          comparisons=[(1, 0)])
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        results.save(str(save))
+    got = [dict(r) for r in results[0][1]]
+    worst = {n: float(max(np.abs(g[n].astype(np.float64) - o[n]).max() for g, o in zip(got, torch_outputs)))
+             for n in names}
+    sqnr = {n: float(np.median([sqnr_db(o[n], g[n]) for g, o in zip(got, torch_outputs)])) for n in names}
+    floor = tolerances["sqnr_db"]
+    return {"passed": bool(verdict) and min(sqnr.values()) >= floor, "polygraphy_passed": bool(verdict),
+            "sqnr_floor_db": floor, "max_abs_error": worst, "median_sqnr_db": sqnr,
+            "tolerances": {n: {"atol": atol[n], "rtol": rtol[n]} for n in names}}
+
+
+def _session(path: Path, config: dict):
+    def make():
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        for k, v in config.items():
+            opts.add_session_config_entry(k, str(v))
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make
+
+
+def tensorrt_compare(art: Path, vfeeds: list[dict]) -> dict:
+    """ONNX Runtime vs TensorRT on vision.onnx where tensorrt and a GPU exist; else says why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return {"skipped": "tensorrt is not importable here (it needs an NVIDIA GPU and its wheel): "
+                           "ONNX Runtime vs TensorRT not compared"}
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    shape = vfeeds[0]["pixel_values"].shape
+    profile = Profile().add("pixel_values", min=(1, *shape[1:]), opt=shape, max=(max(8, shape[0]), *shape[1:]))
+    config = CreateConfig(int8=manifest["vision"]["precision"] == "int8", profiles=[profile])
+    runners = [OnnxrtRunner(_session(art / "vision.onnx", {}), name="onnxruntime"),
+               TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(art / "vision.onnx")), config=config))]
+    results = Comparator.run(runners, data_loader=vfeeds)
+    ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol={"": 1e-2}, rtol={"": 1e-2}))
+    return {"passed": bool(ok)}
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row |a ∩ b| / K of two [B, K] index sets."""
+    return np.array([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(a, b)])
+
+
+def compare(art: str | Path, questions: int = 200, reports: Path | None = None, log=print) -> dict:
+    """All parity figures of one artifact (see the module docstring)."""
+    from export.calibration import load_pairs
+    from export.llm import Decoder, weight_codes
+    from export.vision import VisionPruner
+    from qapruner import data, pipeline
+    from qapruner.model import load
+    from runtime.backends import OrtBackend
+    from runtime.generate import greedy, splice
+
+    art = Path(art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    llava = load(manifest["source"])
+    scoring = scoring_of(manifest)
+    k = manifest["keep"]
+    calib = manifest["calibration"]
+    pairs = load_pairs(calib["dir"])[: calib["pairs"]] if calib["pairs"] else []
+    check_pairs = load_pairs(calib["dir"] or "calibration_data")
+    ref = reference(llava, manifest, pairs)
+    if manifest["llm"]["precision"] in ("w4a16", "w4a8"):  # the graph must hold the reference's INT4 codes
+        assert manifest["llm"]["int4_linears"] == len(weight_codes(ref))
+    t0 = time.time()
+    result = {"artifact": str(art), "keep": k, "num_image_tokens": manifest["num_image_tokens"],
+              "vision": manifest["vision"]["precision"], "llm": manifest["llm"]["precision"],
+              "semantic": manifest["semantic"]}
+    # 1. vision graph: polygraphy, torch (same simulated scheme) vs ONNX Runtime, on the calibration images
+    vfeeds = vision_feeds(llava, check_pairs, manifest["semantic"])
+
+    def run_torch(model):
+        module = VisionPruner(model, scoring, k).eval()
+        outs = []
+        with torch.no_grad():
+            for f in vfeeds:
+                args = [torch.from_numpy(f["pixel_values"])]
+                if "text_embedding" in f:
+                    args.append(torch.from_numpy(f["text_embedding"]))
+                tokens, indices, scores = module(*args)
+                outs.append({"tokens": tokens.numpy(), "indices": indices.numpy(), "scores": scores.numpy()})
+        return outs
+    vref = run_torch(ref)
+    vfloat = vref if manifest["vision"]["precision"] == "fp32" else run_torch(llava)
+    vis = OrtBackend(art / "vision.onnx")
+    vout = [vis.infer(f) for f in vfeeds]
+    ov = np.concatenate([overlap(o["indices"], r["indices"]) for o, r in zip(vout, vref)])
+    ovf = np.concatenate([overlap(o["indices"], r["indices"]) for o, r in zip(vout, vfloat)])
+    result["index_overlap"] = {"mean": float(ov.mean()), "min": float(ov.min()), "images": int(ov.size),
+                               "vs_float_mean": float(ovf.mean()), "vs_float_min": float(ovf.min())}
+    tol = TOLERANCES[("vision", manifest["vision"]["precision"])]
+    # elementwise on what is defined whatever the selection; INT8 may keep other tokens, so its gathered
+    # `tokens` are held by the index overlap above instead
+    outs = ("tokens", "scores") if manifest["vision"]["precision"] == "fp32" else ("scores",)
+    result["vision_graph"] = polygraphy_compare(
+        _session(art / "vision.onnx", {}), vfeeds, [{n: r[n] for n in outs} for r in vref], tol,
+        reports / f"{art.name}.vision.json" if reports else None)
+    log(f"{art.name}: vision {result['vision_graph']['passed']}, kept-index overlap {ov.mean():.4f} "
+        f"(vs float {ovf.mean():.4f})")
+    # 2. LLM graph: polygraphy, torch (same simulated scheme) vs ONNX Runtime, on pruned prefills
+    lfeeds = llm_feeds(llava, check_pairs[:16], k, scoring, manifest["positions"], art / "vision.onnx")
+    dec = Decoder(ref).eval()
+    names = manifest["llm"]["outputs"]
+    with torch.no_grad():
+        lref = [dict(zip(names, (t.numpy() for t in dec(*(torch.from_numpy(f[n]) for n in manifest["llm"]["inputs"])))))
+                for f in lfeeds]
+    tol = TOLERANCES[("llm", manifest["llm"]["precision"])]
+    result["llm_graph"] = polygraphy_compare(
+        _session(art / "llm.onnx", manifest["llm"]["session_options"]), lfeeds, lref, tol,
+        reports / f"{art.name}.llm.json" if reports else None)
+    log(f"{art.name}: llm {result['llm_graph']['passed']} (logits SQNR "
+        f"{result['llm_graph']['median_sqnr_db']['logits']:.1f} dB)")
+    # 3. greedy answers: ONNX Runtime chain vs torch pipeline under the same scheme
+    llm = OrtBackend(art / "llm.onnx", manifest["llm"]["session_options"])
+    table = np.load(art / "embed_tokens.npy", allow_pickle=False)
+    cfg, toks = manifest["llm"], manifest["tokens"]
+    same = correct_onnx = correct_torch = 0
+    qs = data.questions("test", questions, seed=0)
+    for scene, q in qs:
+        prompt = data.PROMPT.format(question=q.text)
+        b = pipeline.encode_inputs(llava, [scene.image], [prompt])
+        feed = {"pixel_values": b["pixel_values"].numpy()}
+        if manifest["semantic"] == "text":
+            from runtime.generate import text_embedding
+            feed["text_embedding"] = text_embedding(b["input_ids"].numpy(), b["attention_mask"].numpy(), table,
+                                                    [*toks["special_ids"], toks["image_token_id"]])
+        v = vis.infer(feed)
+        e, m, p = splice(b["input_ids"].numpy(), b["attention_mask"].numpy(), v["tokens"], v["indices"], table,
+                         toks["image_token_id"], manifest["positions"])
+        ids = greedy(llm.infer, e, m, p, table, num_layers=cfg["num_layers"], kv_heads=cfg["kv_heads"],
+                     head_dim=cfg["head_dim"], eos_ids=toks["eos_token_ids"], pad_id=toks["pad_token_id"])
+        got = llava.processor.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)[0].strip()
+        want = pipeline.answer(ref, [scene.image], [prompt], keep=k, scoring=scoring,
+                               positions=manifest["positions"]).texts[0]
+        same += got == want
+        correct_onnx += got == q.answer
+        correct_torch += want == q.answer
+    n = len(qs)
+    result["answers"] = {"questions": n, "agreement": same / n, "accuracy_onnx": correct_onnx / n,
+                         "accuracy_torch": correct_torch / n}
+    log(f"{art.name}: answers equal on {same}/{n}")
+    result["tensorrt"] = tensorrt_compare(art, vfeeds[:4])
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def write_report(results: list[dict], out_json: Path, out_md: Path) -> None:
+    from export.artifact import versions
+
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"results": results, "versions": versions(), "command": "make compare"}
+    tmp = out_json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.rename(out_json)
+    lines = ["# Parity of the exported graphs (torch vs ONNX Runtime)", "",
+             "Written by `make compare` (`python -m export.compare`); the embedded model `models/digits-llava`. "
+             "Vision graph vs torch in float; LLM graph and answers vs torch under the same *simulated* scheme "
+             "(W4A16 / W4A8 / W8A8 fake-quant in `qapruner.ptq`, calibrated on the same pairs at the same K). "
+             "Deployable precisions only: W4A4 has no engine.", "",
+             "| artifact | K/N | vision | LLM | kept-index overlap, mean / min (vs float torch) | vision graph "
+             "(polygraphy) | LLM graph (polygraphy) | logits SQNR | answers equal | acc. ONNX / torch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        a = r["answers"]
+        lines.append(f"| {Path(r['artifact']).name} | {r['keep']}/{r['num_image_tokens']} | {r['vision']} | {r['llm']} "
+                     f"| {100 * r['index_overlap']['mean']:.2f}% / {100 * r['index_overlap']['min']:.1f}% "
+                     f"({100 * r['index_overlap']['vs_float_mean']:.2f}% / {100 * r['index_overlap']['vs_float_min']:.1f}%) "
+                     f"| {'pass' if r['vision_graph']['passed'] else 'FAIL'} "
+                     f"| {'pass' if r['llm_graph']['passed'] else 'FAIL'} "
+                     f"| {r['llm_graph']['median_sqnr_db']['logits']:.1f} dB "
+                     f"| {100 * a['agreement']:.1f}% of {a['questions']} | {100 * a['accuracy_onnx']:.1f}% / "
+                     f"{100 * a['accuracy_torch']:.1f}% |")
+    lines += ["", "Tolerances (atol, rtol) per output, from `export/compare.py`:", ""]
+    for (graph, prec), t in TOLERANCES.items():
+        lines.append(f"- {graph} {prec}: " + ", ".join(f"{k} ({v[0]:g}, {v[1]:g})" for k, v in t.items()
+                                                      if k != "sqnr_db") + f"; median SQNR ≥ {t['sqnr_db']} dB")
+    trt = {json.dumps(r["tensorrt"]) for r in results}
+    lines += ["", "ONNX Runtime vs TensorRT: " + "; ".join(sorted(trt)), "",
+              "Polygraphy run results (JSON) are saved under `build/compare/`."]
+    tmp = out_md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(out_md)
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.compare", description="torch vs ONNX Runtime parity")
+    p.add_argument("artifacts", nargs="+", help="engines/NAME folders built by python -m export")
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--reports", default="build/compare", help="folder for polygraphy's JSON run results")
+    p.add_argument("--out", default="docs/results/parity.json")
+    args = p.parse_args(argv)
+    try:
+        results = [compare(a, args.questions, Path(args.reports), log=lambda m: print(m, file=sys.stderr))
+                   for a in args.artifacts]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_report(results, out, out.with_suffix(".md"))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0 if all(r["vision_graph"]["passed"] and r["llm_graph"]["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

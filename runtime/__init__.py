@@ -1,0 +1,1 @@
+"""The slim runtime: numpy + onnxruntime (or tensorrt) + tokenizers, never torch."""
