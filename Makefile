@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo train bench-accuracy export compare clean
+.PHONY: setup test demo train bench-accuracy export compare engines bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,7 @@ EXPORT := $(PY) -m export --model models/digits-llava --retention 0.125 --force
 export: setup
 	$(EXPORT) --out engines/digits-r0.125-fp32
 	$(EXPORT) --out engines/digits-r0.125-text-fp32 --semantic text
+	$(EXPORT) --out engines/digits-r0.125-fp16 --vision fp16 --llm fp16
 	$(EXPORT) --out engines/digits-r0.125-w4a16 --llm w4a16
 	$(EXPORT) --out engines/digits-r0.125-w4a8 --llm w4a8
 	$(EXPORT) --out engines/digits-r0.125-int8-w8a8 --vision int8 --llm w8a8
@@ -45,9 +46,13 @@ export: setup
 
 # torch vs ONNX Runtime (polygraphy) for each artifact: docs/results/parity.{json,md}, JSON reports in build/compare/.
 compare: export
-	$(PY) -m export.compare engines/digits-r0.125-fp32 engines/digits-r0.125-text-fp32 \
+	$(PY) -m export.compare engines/digits-r0.125-fp32 engines/digits-r0.125-text-fp32 engines/digits-r0.125-fp16 \
 	  engines/digits-r0.125-w4a16 engines/digits-r0.125-w4a8 engines/digits-r0.125-int8-w8a8 \
 	  engines/digits-r0.125-int8-w8a8-fullcalib --questions 200 --out docs/results/parity.json
+
+# Engines for every exported engines/NAME/: TensorRT plans where TensorRT and a GPU exist, else ORT CPU models.
+engines: setup
+	$(PY) -m engines.build
 
 clean:
 	rm -rf build .pytest_cache

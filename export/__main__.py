@@ -1,5 +1,5 @@
 """python -m export --model DIR --keep K | --retention R --semantic cls|text|none --alpha A
-                   --vision fp32|int8 --llm fp32|w4a16|w8a8|w4a8 --out engines/NAME [--force]
+                   --vision fp32|fp16|int8 --llm fp32|fp16|w4a16|w8a8|w4a8 --out engines/NAME [--force]
 
 Precision names exist here only; the builder takes frozen dataclasses."""
 from __future__ import annotations
@@ -10,12 +10,10 @@ import sys
 from export.artifact import LlmPrecision, Options, VisionPrecision, build
 from qapruner.scoring import Scoring
 
-VISION = {"fp32": VisionPrecision(), "int8": VisionPrecision(int8=True)}
-LLM = {"fp32": LlmPrecision(), "w4a16": LlmPrecision(weight_bits=4),
+VISION = {"fp32": VisionPrecision(), "fp16": VisionPrecision(fp16=True), "int8": VisionPrecision(int8=True)}
+LLM = {"fp32": LlmPrecision(), "fp16": LlmPrecision(fp16=True), "w4a16": LlmPrecision(weight_bits=4),
        "w4a8": LlmPrecision(weight_bits=4, int8_activations=True),
        "w8a8": LlmPrecision(weight_bits=8, int8_activations=True)}
-UNSUPPORTED = {"fp16": "fp16 graphs are not exported yet: ONNX Runtime on this CPU has no fp16 kernels to check "
-                       "them against; build fp16 TensorRT engines from the fp32 graph (BuilderFlag.FP16)"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic", default="cls", choices=["cls", "text", "none"])
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--group-size", type=int, default=None, help="INT4 score group size (default: 128, or D if smaller)")
-    p.add_argument("--vision", default="fp32", help="fp32 | int8")
-    p.add_argument("--llm", default="fp32", help="fp32 | w4a16 | w4a8 | w8a8")
+    p.add_argument("--vision", default="fp32", help="fp32 | fp16 | int8")
+    p.add_argument("--llm", default="fp32", help="fp32 | fp16 | w4a16 | w4a8 | w8a8")
     p.add_argument("--int4-block", type=int, default=128, choices=[32, 64, 128])
     p.add_argument("--weights", default="gptq", choices=["gptq", "rtn"], help="INT4 weight method (core library)")
     p.add_argument("--calibration", default="calibration_data", help="calibration folder (export.calibration)")
@@ -44,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 def options_from_args(args, dim: int | None = None) -> Options:
     for what, table in (("vision", VISION), ("llm", LLM)):
         name = getattr(args, what)
-        if name in UNSUPPORTED:
-            raise ValueError(f"--{what} {name}: {UNSUPPORTED[name]}")
         if name not in table:
             raise ValueError(f"unsupported --{what} precision {name!r}; choose one of {', '.join(table)}")
     llm = LLM[args.llm]

@@ -39,12 +39,18 @@ def graph_opsets(options: "Options") -> dict[str, int]:
 
 @dataclass(frozen=True)
 class VisionPrecision:
-    """How vision.onnx runs: float32, or INT8 Q/DQ on the tower's and projector's weight layers."""
+    """How vision.onnx runs: float32, INT8 Q/DQ on the tower's and projector's weight layers, or float16 tower
+    and projector (the score, TopK and gather stay float32)."""
     int8: bool = False
+    fp16: bool = False
+
+    def __post_init__(self):
+        if self.int8 and self.fp16:
+            raise ValueError("choose one of int8 and fp16 for the vision graph")
 
     @property
     def name(self) -> str:
-        return "int8" if self.int8 else "fp32"
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,11 @@ class LlmPrecision:
     int8_activations: bool = False
     block_size: int = 128
     w_method: str = "gptq"
+    fp16: bool = False  # float16 weights and arithmetic, float32 inputs and outputs
 
     def __post_init__(self):
+        if self.fp16 and self.weight_bits is not None:
+            raise ValueError("fp16 applies to the float LLM only (weight_bits None)")
         if self.weight_bits not in (None, 4, 8):
             raise ValueError(f"weight_bits must be None, 4 or 8, got {self.weight_bits!r}")
         if self.weight_bits is None and self.int8_activations:
@@ -72,7 +81,7 @@ class LlmPrecision:
     @property
     def name(self) -> str:
         if self.weight_bits is None:
-            return "fp32"
+            return "fp16" if self.fp16 else "fp32"
         return f"w{self.weight_bits}a{8 if self.int8_activations else 16}"
 
     def session_options(self) -> dict[str, str]:
@@ -208,7 +217,7 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
           log=print) -> dict:
     """Export one artifact into `out` (atomically). Returns the manifest."""
     from export import llm as llm_graph
-    from export import qdq, vision as vision_graph
+    from export import fp16, qdq, vision as vision_graph
     from qapruner import ptq
     from qapruner.model import load
     from qapruner.pipeline import calibrator
@@ -252,6 +261,8 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
             vpath.rename(fp)
             vision_nodes = qdq.quantize_int8(fp, vpath, feeds)
             fp.unlink()
+        elif options.vision.fp16:
+            fp16.vision_fp16(vpath)
         log(f"vision.onnx: K = {k} of N = {n}, {options.vision.name}")
         # llm.onnx
         lpath = tmp / "llm.onnx"
@@ -281,6 +292,8 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
                 head = llava.model.lm_head.weight.detach().float().numpy().T  # the LM head stays float
                 llm_info = {"int8_nodes": len(qdq.quantize_int8(fp, lpath, feeds, exclude=[head]))}
                 fp.unlink()
+            elif options.llm.fp16:
+                fp16.llm_fp16(lpath)
         log(f"llm.onnx: {options.llm.name}")
         np.save(tmp / "embed_tokens.npy", llm_graph.embedding_table(llava), allow_pickle=False)
         llava.processor.save_pretrained(tmp)

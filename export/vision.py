@@ -115,3 +115,4 @@ def export_vision(llava: Llava, scoring: Scoring, k: int, path: str | Path, *, o
                                     external_data=False, verbose=False)
     program.save(str(path))
     return Path(path)
+

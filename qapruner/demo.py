@@ -1,5 +1,7 @@
-"""`make demo`: the embedded DigitsVQA LLaVA answers questions about test scenes and a real photo with digits
-pasted on it, at a few retentions, in float and under simulated W4A4; kept tokens are drawn over each image.
+"""`make demo`: the deployment path on the embedded DigitsVQA LLaVA. Export it at 12.5% and 100% retention,
+build engines, and answer questions about three test scenes and a real photo with digits pasted on it through
+`runtime/infer.py` (numpy + onnxruntime, never torch); print answers with per-stage timings and draw the kept
+tokens over each image.
 """
 from __future__ import annotations
 
@@ -11,10 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qapruner import data, ptq
-from qapruner.evaluate import calibration_pairs
-from qapruner.model import load
-from qapruner.pipeline import answer, calibrator
+from qapruner import data
 from qapruner.scoring import Scoring
 
 DEFAULT_MODEL = Path("models/digits-llava")
@@ -42,58 +41,98 @@ def kept_overlay(image: np.ndarray, indices, grid: int, path: Path) -> None:
     pic.save(path)
 
 
-def run(model_dir: Path, retentions, out_dir: Path) -> None:
+def _artifact(model_dir: Path, retention: float, out: Path) -> str:
+    """Export (unless an export of the same model and K is already there) and build engines."""
+    import json
+
+    from engines.build import build as build_engines
+    from export.artifact import Options, build, model_sha256
+    from qapruner.pruning import resolve_k
+
+    manifest = out / "manifest.json"
+    fresh = manifest.is_file() and (lambda m: m.get("source_sha256") == model_sha256(model_dir)
+                                    and m.get("retention") == retention)(json.loads(manifest.read_text()))
+    if not fresh:
+        build(model_dir, out, Options(retention=retention, scoring=Scoring(semantic="cls", alpha=0.7)),
+              force=True, log=lambda m: None)
+    if not fresh or not (out / "engines.json").is_file():
+        return build_engines(out, log=lambda m: None)["reason"]
+    return json.loads((out / "engines.json").read_text())["reason"]
+
+
+def _infer(art: Path, images: list[Path], prompts: list[str]) -> dict:
+    """runtime/infer.py in its own process (the runtime never imports torch): one batch, JSON back."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "runtime/infer.py", "--engines", str(art), "--json", "--max-new-tokens", "2"]
+    for image, prompt in zip(images, prompts):
+        cmd += ["--image", str(image), "--prompt", prompt]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"runtime/infer.py failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout)
+
+
+def run(model_dir: Path, retentions, out_dir: Path, engines_dir: Path) -> None:
+    """The deployment path: export at each retention, build engines, answer with runtime/infer.py."""
     from PIL import Image
 
-    llava = load(model_dir)
-    n = llava.num_image_tokens
-    grid = int(round(n ** 0.5))
     scenes = [("test-0", data.make_scene("test", 0)), ("test-1", data.make_scene("test", 1)),
               ("test-2", data.make_scene("test", 2)), ("photo", data.make_scene("test", 3, photo=0))]
-    scoring = Scoring(semantic="cls", alpha=0.7)
-    w4a4 = ptq.apply(llava, ptq.replace(ptq.PRESETS["w4a4"], w_method="gptq"),
-                     calibrator(calibration_pairs(0), retention=min(retentions), scoring=scoring))
-    models = {"fp": llava, "w4a4 (simulated, GPTQ)": w4a4}
-    print(f"model {model_dir}: {n} visual tokens per image; QAPruner score with CLS attention, alpha 0.7\n")
-    hits: dict = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arts = {}
+    for r in retentions:
+        t = time.perf_counter()
+        arts[r] = engines_dir / f"demo-digits-r{r:g}"
+        reason = _artifact(model_dir, r, arts[r])
+        print(f"{arts[r]}: exported and built in {time.perf_counter() - t:.1f} s — {reason}")
+    print(f"\nmodel {model_dir}; QAPruner score with CLS attention, alpha 0.7; answers from runtime/infer.py "
+          "(numpy + onnxruntime, no torch)\n")
+    hits: dict = {r: [] for r in retentions}
+    timing: dict = {r: [] for r in retentions}
     for name, scene in scenes:
-        image = Image.fromarray(scene.image)
+        path = out_dir / f"{name}.png"
+        Image.fromarray(scene.image).save(path)
         prompts = scene.prompts()
+        results = {r: _infer(arts[r], [path] * len(prompts), prompts) for r in retentions}
         print(f"== {name}: digits {sorted((d[0], d[1]) for d in scene.digits)}")
-        header = "".join(f" | {label[:4]}@{r:<6g}" for label in models for r in retentions)
-        print(f"{'question':34} | truth {header}")
-        answers = {}
-        for label, model in models.items():
-            for r in retentions:
-                t = time.perf_counter()
-                res = answer(model, [image] * len(prompts), prompts, retention=r, scoring=scoring, max_new_tokens=2)
-                answers[(label, r)] = [(x.split() or [""])[0] for x in res.texts]
-                hits.setdefault((label, r), []).extend(a == q.answer for a, q in zip(answers[(label, r)],
-                                                                                      scene.questions))
-                if label == "fp" and r == min(retentions):
-                    kept_overlay(scene.image, res.indices[0], grid, out_dir / f"{name}-kept-{r:g}.png")
-                answers[(label, r, "ms")] = (time.perf_counter() - t) * 1e3
+        print(f"{'question':34} | truth " + "".join(f"| K={results[r]['keep']:<4} " for r in retentions))
         for i, q in enumerate(scene.questions):
-            row = "".join(f" | {answers[(label, r)][i]:>10}" for label in models for r in retentions)
+            row = ""
+            for r in retentions:
+                a = (results[r]["answers"][i].split() or [""])[0]
+                hits[r].append(a == q.answer)
+                row += f"| {a:>6} "
             print(f"{q.text:34} | {q.answer:>5} {row}")
+        for r in retentions:
+            t = results[r]["timings"]
+            timing[r].append(t)
+            n = results[r]["num_image_tokens"]
+            print(f"   K={results[r]['keep']:<4} batch of {len(prompts)}: preprocess {1e3 * t['preprocess_s']:.1f} ms, "
+                  f"vision+prune {1e3 * t['vision_prune_s']:.1f} ms, prefill {1e3 * t['prefill_s']:.1f} ms "
+                  f"({results[r]['prefill_tokens']} tokens), peak RSS {results[r]['peak_rss_mb']:.0f} MB")
+        low = min(retentions)
+        kept_overlay(scene.image, results[low]["kept_indices"][0], int(round(n ** 0.5)),
+                     out_dir / f"{name}-kept-{low:g}.png")
         print()
-    print("accuracy over these questions, kept tokens per image:")
-    for (label, r), h in hits.items():
-        k = answer(llava, [Image.fromarray(scenes[0][1].image)], [scenes[0][1].prompts()[0]], retention=r,
-                   scoring=scoring, max_new_tokens=1).indices.shape[1]
-        print(f"  {label:24} retention {r:<6g} ({k:>3}/{n} tokens): {sum(h)}/{len(h)}")
-    print(f"\nkept-token pictures (fp, retention {min(retentions):g}) in {out_dir}/")
+    print("accuracy over these questions:")
+    for r in retentions:
+        prefill = np.median([t["prefill_s"] for t in timing[r]]) * 1e3
+        print(f"  retention {r:<6g}: {sum(hits[r])}/{len(hits[r])} correct, median prefill {prefill:.1f} ms")
+    print(f"\nscenes and kept-token pictures (retention {min(retentions):g}) in {out_dir}/")
 
 
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qapruner.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--retention", type=float, nargs="+", default=[1.0, 0.25, 0.125])
+    ap.add_argument("--retention", type=float, nargs="+", default=[1.0, 0.125])
     ap.add_argument("--out", type=Path, default=Path("build/demo"))
+    ap.add_argument("--engines", type=Path, default=Path("engines"), help="where the demo artifacts go")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     try:
-        run(args.model, args.retention, args.out)
+        run(args.model, args.retention, args.out, args.engines)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

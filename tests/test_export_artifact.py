@@ -65,6 +65,26 @@ def test_fp32_answers_equal_torch(fp32_artifact, llava, images, prompts):
     np.testing.assert_array_equal(ids, ref.token_ids.numpy())
 
 
+def test_fp16_round_trip(tiny_dir, tmp_path, llava, images, prompts):
+    options = Options(keep=16, scoring=Scoring(group_size=64), vision=VisionPrecision(fp16=True),
+                      llm=LlmPrecision(fp16=True))
+    manifest = build(tiny_dir, tmp_path / "art", options, log=lambda m: None)
+    assert (manifest["vision"]["precision"], manifest["llm"]["precision"]) == ("fp16", "fp16")
+    import onnx
+    vision = onnx.load(tmp_path / "art" / "vision.onnx")
+    types = {i.data_type for i in vision.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types  # the tower's weights
+    inferred = onnx.shape_inference.infer_shapes(vision)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    topk = next(n for n in vision.graph.node if n.op_type == "TopK")
+    assert types[topk.input[0]] == onnx.TensorProto.FLOAT  # the score is ranked in float32
+    ids, indices = _answers(tmp_path / "art", llava, images, prompts)
+    ref = pipeline.answer(llava, images, prompts, keep=16, scoring=Scoring(group_size=64), max_new_tokens=6)
+    overlap = np.mean([len(set(a) & set(b)) / 16 for a, b in zip(indices.tolist(), ref.indices.tolist())])
+    assert overlap >= 0.9
+    assert (ids[:, 0] == ref.token_ids[:, 0].numpy()).mean() >= 0.75
+
+
 @pytest.mark.parametrize("llm", ["w4a16", "w8a8"])
 def test_quantized_round_trip(tiny_dir, calib_dir, tmp_path, llava, images, prompts, llm):
     precision = {"w4a16": LlmPrecision(weight_bits=4, block_size=32, w_method="rtn"),
@@ -99,7 +119,7 @@ def _cli(tiny_dir, out, *extra):
     (["--keep", "4000"], "TopK limit of 3840"),
     (["--keep", "8", "--llm", "fp8"], "unsupported --llm precision 'fp8'"),
     (["--keep", "8", "--vision", "int4"], "unsupported --vision precision"),
-    (["--keep", "8", "--llm", "fp16"], "fp16 graphs are not exported yet"),
+    (["--keep", "8", "--vision", "fp16", "--llm", "bf16"], "unsupported --llm precision 'bf16'"),
     (["--keep", "8", "--llm", "w4a16", "--opset", "20"], "too low for INT4"),
     (["--keep", "8", "--opset", "17"], "too low"),
     (["--keep", "8", "--alpha", "1.5"], "alpha must be"),
