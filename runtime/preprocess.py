@@ -153,7 +153,7 @@ def _process(image: Image.Image, cfg: dict, i: int) -> np.ndarray:
 def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
     """[C, H, W] -> [C, ch, cw]: transformers.image_transforms.center_crop, zero padding included."""
     _, h, w = x.shape
-    top, left = (h - ch + 1) // 2, (w - cw + 1) // 2
+    top, left = (h - ch) // 2, (w - cw) // 2
     if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:
         return x[:, top:top + ch, left:left + cw]
     nh, nw = max(ch, h), max(cw, w)
