@@ -44,8 +44,10 @@ export: setup
 	$(EXPORT) --out engines/digits-r0.125-int8-w8a8 --vision int8 --llm w8a8
 	$(EXPORT) --out engines/digits-r0.125-int8-w8a8-fullcalib --vision int8 --llm w8a8 --calib-tokens full
 
-# torch vs ONNX Runtime (polygraphy) for each artifact: docs/results/parity.{json,md}, JSON reports in build/compare/.
+# torch vs ONNX Runtime (polygraphy) for each artifact: docs/results/parity.{json,md}, JSON reports in build/compare/;
+# answers through the slim runtime on the engines built for this machine.
 compare: export
+	$(PY) -m engines.build
 	$(PY) -m export.compare engines/digits-r0.125-fp32 engines/digits-r0.125-text-fp32 engines/digits-r0.125-fp16 \
 	  engines/digits-r0.125-w4a16 engines/digits-r0.125-w4a8 engines/digits-r0.125-int8-w8a8 \
 	  engines/digits-r0.125-int8-w8a8-fullcalib --questions 200 --out docs/results/parity.json
@@ -53,6 +55,11 @@ compare: export
 # Engines for every exported engines/NAME/: TensorRT plans where TensorRT and a GPU exist, else ORT CPU models.
 engines: setup
 	$(PY) -m engines.build
+
+# Speed and memory (docs/results/speed.{md,json}): prefill vs retention, score+prune cost, runtime vs transformers,
+# decode tokens/s; the embedded model and a LLaVA-1.5-shaped random one. Run it on an otherwise idle machine.
+bench: setup
+	$(PY) -m engines.bench --out docs/results/speed.json
 
 clean:
 	rm -rf build .pytest_cache

@@ -4,7 +4,8 @@ For each artifact (`engines/NAME/`, built by `python -m export`):
 1. Polygraphy compares each graph's outputs, torch vs ONNX Runtime, with stated per-output tolerances
    (`TOLERANCES`) on the calibration pairs; the JSON run results are saved.
 2. Kept-index agreement: |kept_onnx ∩ kept_torch| / K per calibration image (torch in float).
-3. Greedy answers of the ONNX Runtime chain (vision.onnx -> numpy splice -> llm.onnx with KV cache) vs the
+3. Greedy answers of the slim runtime (`runtime.infer.run`: numpy preprocessing and tokenization,
+   vision.onnx -> numpy splice -> llm.onnx with KV cache, on the engines `make engines` built if any) vs the
    torch pipeline under the same simulated scheme, on DigitsVQA test questions.
 The torch reference of a quantized artifact is rebuilt from the manifest: same scheme, same calibration pairs,
 same K. `python -m export.compare` writes docs/results/parity.{json,md}.
@@ -173,7 +174,6 @@ def compare(art: str | Path, questions: int = 200, reports: Path | None = None, 
     from qapruner import data, pipeline
     from qapruner.model import load
     from runtime.backends import OrtBackend
-    from runtime.generate import greedy, splice
 
     art = Path(art)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -234,26 +234,19 @@ def compare(art: str | Path, questions: int = 200, reports: Path | None = None, 
         reports / f"{art.name}.llm.json" if reports else None)
     log(f"{art.name}: llm {result['llm_graph']['passed']} (logits SQNR "
         f"{result['llm_graph']['median_sqnr_db']['logits']:.1f} dB)")
-    # 3. greedy answers: ONNX Runtime chain vs torch pipeline under the same scheme
-    llm = OrtBackend(art / "llm.onnx", manifest["llm"]["session_options"])
-    table = np.load(art / "embed_tokens.npy", allow_pickle=False)
-    cfg, toks = manifest["llm"], manifest["tokens"]
+    # 3. greedy answers: the slim runtime (runtime.infer.run: numpy preprocessing and tokenization, the
+    # artifact's engines in ONNX Runtime) vs the torch pipeline under the same scheme
+    from PIL import Image
+
+    from runtime.artifact import open_artifact
+    from runtime.infer import run
+
+    deployed = open_artifact(art, "ort")
     same = correct_onnx = correct_torch = 0
     qs = data.questions("test", questions, seed=0)
     for scene, q in qs:
         prompt = data.PROMPT.format(question=q.text)
-        b = pipeline.encode_inputs(llava, [scene.image], [prompt])
-        feed = {"pixel_values": b["pixel_values"].numpy()}
-        if manifest["semantic"] == "text":
-            from runtime.generate import text_embedding
-            feed["text_embedding"] = text_embedding(b["input_ids"].numpy(), b["attention_mask"].numpy(), table,
-                                                    [*toks["special_ids"], toks["image_token_id"]])
-        v = vis.infer(feed)
-        e, m, p = splice(b["input_ids"].numpy(), b["attention_mask"].numpy(), v["tokens"], v["indices"], table,
-                         toks["image_token_id"], manifest["positions"])
-        ids = greedy(llm.infer, e, m, p, table, num_layers=cfg["num_layers"], kv_heads=cfg["kv_heads"],
-                     head_dim=cfg["head_dim"], eos_ids=toks["eos_token_ids"], pad_id=toks["pad_token_id"])
-        got = llava.processor.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)[0].strip()
+        got = run(deployed, [Image.fromarray(scene.image)], [prompt])["answers"][0]
         want = pipeline.answer(ref, [scene.image], [prompt], keep=k, scoring=scoring,
                                positions=manifest["positions"]).texts[0]
         same += got == want

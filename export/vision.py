@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qapruner.model import Llava, _attention_index, _encoder_layers
-from qapruner.scoring import Scoring, cls_attention, minmax_normalize
+from qapruner.scoring import Scoring, minmax_normalize
 
 TRT_MAX_TOPK = 3840  # TensorRT's ITopKLayer limit on K
 
@@ -32,8 +32,9 @@ class VisionPruner(nn.Module):
     Equal to `qapruner.pipeline.prefill_inputs`' features / indices / S (the feature layer is run by hand
     to read its attention weights; the layers above it are never run)."""
 
-    def __init__(self, llava: Llava, scoring: Scoring, k: int):
+    def __init__(self, llava: Llava, scoring: Scoring, k: int, encoder_only: bool = False):
         super().__init__()
+        self.encoder_only = encoder_only  # stop at the projected features (to time the score and selection)
         model = llava.model
         self.tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
@@ -41,7 +42,7 @@ class VisionPruner(nn.Module):
         idx = _attention_index(_feature_layer(llava), len(blocks))  # the layer whose output LLaVA reads
         self.blocks = nn.ModuleList(blocks[: idx % len(blocks) + 1])
         self.drop_cls = model.config.vision_feature_select_strategy == "default"
-        self.scoring, self.k = scoring, int(k)
+        self.select = ScoreSelect(scoring, k)
 
     def forward(self, pixel_values: torch.Tensor, text_embedding: torch.Tensor | None = None):
         h = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [B, 1+P, C]
@@ -52,9 +53,23 @@ class VisionPruner(nn.Module):
         h = h + a
         h = h + last.mlp(last.layer_norm2(h))
         features = self.projector(h[:, 1:] if self.drop_cls else h)  # [B, N, D]
+        if self.encoder_only:
+            return features, weights[:, :, 0]  # and the CLS attention rows, so nothing is pruned away
+        return self.select(features, weights[:, :, 0], text_embedding)
+
+
+class ScoreSelect(nn.Module):
+    """The scoring-and-pruning tail alone: features [B, N, D], CLS attention rows [B, H, T] (T = N or 1+N)
+    (+ text_embedding [B, D]) -> tokens [B, K, D], indices [B, K], scores [B, N]."""
+
+    def __init__(self, scoring: Scoring, k: int):
+        super().__init__()
+        self.scoring, self.k = scoring, int(k)
+
+    def forward(self, features: torch.Tensor, cls_rows: torch.Tensor, text_embedding: torch.Tensor | None = None):
         n = features.shape[1]
-        if self.scoring.semantic == "cls":
-            semantic = cls_attention(weights, n)
+        if self.scoring.semantic == "cls":  # mean over heads; drop CLS's own column when it is not a token
+            semantic = cls_rows.float().mean(dim=1)[:, cls_rows.shape[-1] - n:]
         elif self.scoring.semantic == "text":  # text_relevance without its value checks
             semantic = nn.functional.cosine_similarity(features.float(), text_embedding.float()[:, None, :], dim=-1)
         else:
@@ -89,9 +104,11 @@ def _group_fake_quant(v: torch.Tensor, group_size: int, bits: int) -> torch.Tens
     return (q * scale).reshape(v.shape)
 
 
-def export_vision(llava: Llava, scoring: Scoring, k: int, path: str | Path, *, opset: int = 21) -> Path:
+def export_vision(llava: Llava, scoring: Scoring, k: int, path: str | Path, *, opset: int = 21,
+                  encoder_only: bool = False) -> Path:
     """Trace `VisionPruner` to ONNX at `path` (single file). Inputs pixel_values (+ text_embedding),
-    outputs tokens, indices, scores; dynamic batch."""
+    outputs tokens, indices, scores; dynamic batch. `encoder_only`: outputs features [B, N, D] and the CLS
+    attention rows instead (the benchmark's baseline for the cost of scoring and selection)."""
     n = llava.num_image_tokens
     if not 1 <= k <= n:
         raise ValueError(f"K = {k} must be in [1, {n}] (the model has {n} visual tokens)")
@@ -100,18 +117,19 @@ def export_vision(llava: Llava, scoring: Scoring, k: int, path: str | Path, *, o
     dim = llava.model.config.text_config.hidden_size
     if scoring.group_size and dim % scoring.group_size:
         raise ValueError(f"group size {scoring.group_size} does not divide the projected dimension {dim}")
-    module = VisionPruner(llava, scoring, k).eval()
+    module = VisionPruner(llava, scoring, k, encoder_only).eval()
     size = llava.model.config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     args, names, shapes = (pixels,), ["pixel_values"], [{0: batch}]
-    if scoring.semantic == "text":
+    if scoring.semantic == "text" and not encoder_only:
         args += (torch.randn(2, dim),)
         names.append("text_embedding")
         shapes.append({0: batch})
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
-                                    output_names=["tokens", "indices", "scores"], dynamic_shapes=tuple(shapes),
+                                    output_names=["features", "cls_attention"] if encoder_only else
+                                    ["tokens", "indices", "scores"], dynamic_shapes=tuple(shapes),
                                     external_data=False, verbose=False)
     program.save(str(path))
     return Path(path)

@@ -36,7 +36,16 @@ def with_template(prompt: str, image_token: str) -> str:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """Peak resident memory of this process in MB: VmHWM (ru_maxrss survives exec on Linux, so a process
+    started by a big parent would report the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(art: Artifact, images: list, prompts: list[str], max_new_tokens: int = 16, on_text=None) -> dict:
