@@ -7,7 +7,6 @@ file names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from export.calibration import file_sha256 as sha256_file
+from qapruner.model import model_sha256  # noqa: F401  (re-exported: the manifest's source hash)
 from qapruner.pruning import resolve_k
 from qapruner.scoring import Scoring
 
@@ -119,16 +119,6 @@ class Options:
     def needs_calibration(self) -> bool:
         return self.vision.int8 or self.llm.int8_activations or (self.llm.weight_bits == 4
                                                                  and self.llm.w_method == "gptq")
-
-
-def model_sha256(model_dir: str | Path) -> str:
-    """sha256 over the source model's config and weight files (sorted names + bytes)."""
-    h = hashlib.sha256()
-    root = Path(model_dir)
-    for p in sorted([*root.glob("*.safetensors"), root / "config.json"]):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -30,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+from qapruner.model import file_sha256
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 PLACEHOLDER = "<image>"
 PAIRS_FILE = "pairs.jsonl"
@@ -157,14 +159,6 @@ def load_pairs(directory) -> list[tuple]:
     `qapruner.pipeline.calibrator` and `python -m export` take."""
     d = Path(directory)
     return [(_open_rgb(d / s.image), s.prompt) for s in pair_specs(d)]
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_sha256(directory) -> str:

@@ -94,6 +94,29 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Llava:
     return Llava(model.eval(), processor, str(p))
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """sha256 over the source model's config and weight files (sorted names + bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for p in sorted([*root.glob("*.safetensors"), root / "config.json"]):
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
 def save(llava: Llava, out: str | os.PathLike) -> Path:
     """save_pretrained model + processor into `out`, written to a temporary sibling and renamed."""
     if llava.scheme is not None:

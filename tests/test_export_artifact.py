@@ -97,6 +97,20 @@ def test_quantized_round_trip(tiny_dir, calib_dir, tmp_path, llava, images, prom
         assert manifest["calibration"] == {"dir": str(calib_dir), "sha256": dataset_sha256(calib_dir),
                                            "pairs": 8, "tokens": "pruned"}
         assert manifest["opset"] == {"vision": 20, "llm": 20} and manifest["vision"]["int8_nodes"] > 0
+        # the graph's own INT8 weights and scales mirrored into torch: the same quantized model
+        from export.compare import mirror_int8
+        from export.llm import Decoder
+        from qapruner.quant import sqnr_db
+        mirrored = mirror_int8(llava, tmp_path / "art" / "llm.onnx", ("model.language_model",))
+        assert len(ptq.quant_linears(mirrored.model)) == manifest["llm"]["int8_nodes"] == 14
+        p = pipeline.prefill_inputs(llava, images, prompts, keep=16, scoring=Scoring(group_size=64))
+        feed = {"inputs_embeds": p.inputs_embeds, "attention_mask": p.attention_mask, "position_ids": p.position_ids}
+        for name in manifest["llm"]["inputs"][3:]:
+            feed[name] = torch.zeros(len(images), manifest["llm"]["kv_heads"], 0, manifest["llm"]["head_dim"])
+        with torch.no_grad():
+            want = Decoder(mirrored).eval()(*(feed[n] for n in manifest["llm"]["inputs"]))[0]
+        got = OrtBackend(tmp_path / "art" / "llm.onnx").infer({k: v.numpy() for k, v in feed.items()})["logits"]
+        assert sqnr_db(want, torch.from_numpy(got)) > 60
     else:
         assert manifest["llm"]["int4_linears"] == 7 * 2 and manifest["llm"]["session_options"] == {
             "session.qdq_matmulnbits_accuracy_level": "0"}
