@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo train bench-accuracy export compare engines bench clean
+.PHONY: setup test demo train bench-accuracy bench-quota export compare engines bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ bench-accuracy: setup
 	$(PY) -m qapruner.evaluate --model models/digits-llava --questions 200 --calib-seeds 3 \
 	  --methods w4a4-qapruner --retention 0.125 --alpha 0 0.1 0.3 0.5 0.7 0.9 1 \
 	  --semantic cls --act dynamic --out docs/results/alpha-sweep.json
+
+# QUOTA vs stage-wise pruning at an average budget of 30% (docs/results/quota.{json,md}); the 3-layer embedded
+# decoder can only prune at layer 2, so everything in-LLM starts from QAPruner's pre-LLM cut to 40%.
+bench-quota: setup
+	$(PY) -m qapruner.quota evaluate --model models/digits-llava --scheme w4a4 --weights gptq --budget 0.30 \
+	  --pre 0.4 --questions 200 --calib-seeds 3 --kv-bits 4 8 --out docs/results/quota.json
 
 # The exported artifacts of the embedded model at 12.5% retention (K = 32 of 256), one per deployable precision.
 EXPORT := $(PY) -m export --model models/digits-llava --retention 0.125 --force

@@ -464,6 +464,77 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Evaluation at an equal budget
+
+BASELINES = ("quota", "fastv", "visionzip", "qapruner")
+
+
+def fastv_recipe(llava: Llava, budget: float, pre_retention: float = 1.0, layer: int = 2) -> Recipe:
+    """FastV-style: one cut at `layer` by text→visual attention alone, sized to meet the budget."""
+    n = llava.num_image_tokens
+    v0 = max(1, math.ceil(pre_retention * n - 1e-9))
+    num_layers = llava.model.config.text_config.num_hidden_layers
+    k = None
+    for cand in range(v0, 0, -1):  # the largest K that meets the budget
+        if processed_fraction([cand], [layer], num_layers, v0, n) <= budget + 1 / n:
+            k = cand
+            break
+    if k is None:
+        raise ValueError(f"budget {budget:g} is unreachable with one cut at layer {layer} of {num_layers}")
+    weights = {f: 1.0 if f == "text_attention" else 0.0 for f in FEATURES}
+    return Recipe(model_sha256="", scheme={}, kv_bits=None, num_layers=num_layers, n=n, v0=v0,
+                  pre_retention=pre_retention, layers=(layer,), keeps=(k,), ratios=(k / v0,), tau=0.0,
+                  p_min=k / v0, budget=budget, achieved=processed_fraction([k], [layer], num_layers, v0, n),
+                  weights=weights, percentiles={str(layer): {"text_attention": [0.0, 1.0]}})
+
+
+@torch.no_grad()
+def accuracy(llava: Llava, recipe: Recipe | None, items, *, retention: float, scoring=None, batch: int = 25) -> float:
+    """Exact match of the first answer word, with pre-LLM pruning at `retention` then the recipe in the LLM."""
+    from PIL import Image
+
+    from qapruner import data
+
+    hits = 0
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        p, visual = prepare(llava, [Image.fromarray(s.image) for s, _ in chunk],
+                            [data.PROMPT.format(question=q.text) for _, q in chunk], pre_retention=retention,
+                            scoring=scoring)
+        ids = generate(llava, recipe, p, visual, max_new_tokens=2)
+        texts = llava.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        hits += sum((t.split() or [""])[0] == q.answer for t, (_, q) in zip(texts, chunk))
+    return hits / len(items)
+
+
+def evaluate(llava: Llava, scheme: ptq.Scheme, *, budget: float, pre_retention: float, items, calib_pairs,
+             methods=BASELINES) -> dict[str, dict]:
+    """Accuracy of QUOTA and the stage-wise baselines at the same average budget under `scheme`:
+    quota (QAPruner to V0, then the calibrated schedule), fastv (QAPruner to V0, then one text-attention cut at
+    layer 2), visionzip (CLS-attention pruning to the budget before the LLM), qapruner (QAPruner's score to
+    the budget before the LLM). Static scales / GPTQ are calibrated on the calibration pairs pruned as each
+    method runs them."""
+    from qapruner.pipeline import calibrator
+    from qapruner.scoring import Scoring
+
+    out = {}
+    for m in methods:
+        if m in ("quota", "fastv"):
+            recipe = calibrate(llava, scheme, calib_pairs, budget=budget, pre_retention=pre_retention) \
+                if m == "quota" else fastv_recipe(llava, budget, pre_retention)
+            retention, scoring = pre_retention, Scoring()
+        else:
+            recipe, retention = None, budget
+            scoring = Scoring(semantic="cls", alpha=1.0) if m == "visionzip" else Scoring()
+        calib = calibrator(calib_pairs, retention=retention, scoring=scoring) if scheme.needs_calibration else None
+        q = ptq.apply(llava, scheme, calib)
+        out[m] = {"accuracy": accuracy(q, recipe, items, retention=retention, scoring=scoring),
+                  "processed": recipe.achieved if recipe is not None else retention,
+                  "layers": list(recipe.layers) if recipe else [], "keeps": list(recipe.keeps) if recipe else []}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI
 
 def _main(argv=None) -> int:
@@ -484,8 +555,20 @@ def _main(argv=None) -> int:
     c.add_argument("--out", required=True)
     i = sub.add_parser("info", help="print a recipe's schedule")
     i.add_argument("recipe")
+    e = sub.add_parser("evaluate", help="QUOTA vs stage-wise baselines at one budget (DigitsVQA)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--scheme", default="w4a4")
+    e.add_argument("--weights", default="gptq", choices=["gptq", "rtn"])
+    e.add_argument("--kv-bits", type=int, nargs="+", default=[4, 8])
+    e.add_argument("--budget", type=float, default=0.30)
+    e.add_argument("--pre", type=float, default=1.0)
+    e.add_argument("--questions", type=int, default=200)
+    e.add_argument("--calib-seeds", type=int, default=3)
+    e.add_argument("--out", required=True, help="results JSON (a Markdown table is written beside it)")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "evaluate":
+            return _evaluate_cli(args)
         if args.cmd == "info":
             r = Recipe.load(args.recipe)
             print(f"{args.recipe}: V0 = {r.v0} of N = {r.n}; layers {list(r.layers)} keep {list(r.keeps)}; "
@@ -516,6 +599,60 @@ def _main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _evaluate_cli(args) -> int:
+    import statistics
+    import sys
+
+    from qapruner import data
+    from qapruner.evaluate import accuracy as dense_accuracy
+    from qapruner.evaluate import calibration_pairs
+    from qapruner.model import load
+    from qapruner.scoring import Scoring
+
+    llava = load(args.model)
+    items = data.questions("test", args.questions, seed=0)
+    fp = dense_accuracy(llava, items, retention=1.0, scoring=Scoring())
+    rows = []
+    for kv in args.kv_bits:
+        scheme = ptq.scheme_from_name(args.scheme, kv_bits=kv, w_method=args.weights)
+        for seed in range(args.calib_seeds):
+            res = evaluate(llava, scheme, budget=args.budget, pre_retention=args.pre, items=items,
+                           calib_pairs=calibration_pairs(seed))
+            for m, r in res.items():
+                rows.append({"method": m, "kv_bits": kv, "calib_seed": seed, **r})
+                print(f"kv{kv} seed {seed} {m}: {100 * r['accuracy']:.1f}% (processed {r['processed']:.3f})",
+                      file=sys.stderr)
+    doc = {"model": args.model, "scheme": args.scheme, "weights": args.weights, "budget": args.budget,
+           "pre_retention": args.pre, "questions": args.questions, "fp_dense_accuracy": fp, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    lines = [f"# QUOTA vs stage-wise pruning at an average budget of {args.budget:g}", "",
+             f"`python -m qapruner.quota evaluate --model {args.model} --scheme {args.scheme} --weights {args.weights} "
+             f"--budget {args.budget:g} --pre {args.pre:g} --questions {args.questions} --calib-seeds "
+             f"{args.calib_seeds} --kv-bits {' '.join(map(str, args.kv_bits))}`. {args.scheme.upper()} *simulated* "
+             f"({args.weights} weights), KV cache quantized as shown; accuracy on {args.questions} DigitsVQA test "
+             f"questions, mean ± std over calibration seeds; retention = % of the float model with all tokens "
+             f"({100 * fp:.1f}%). quota and fastv prune to V0 = {args.pre:g}·N with QAPruner before the LLM, then "
+             "inside it; visionzip and qapruner prune to the budget before the LLM.", "",
+             "| method | KV bits | processed | accuracy | retention |", "|---|---|---|---|---|"]
+    for kv in args.kv_bits:
+        for m in BASELINES:
+            accs = [r["accuracy"] for r in rows if r["method"] == m and r["kv_bits"] == kv]
+            proc = next(r["processed"] for r in rows if r["method"] == m and r["kv_bits"] == kv)
+            mean = statistics.mean(accs)
+            std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+            lines.append(f"| {m} | {kv} | {proc:.3f} | {100 * mean:.1f} ± {100 * std:.1f} | {100 * mean / fp:.1f}% |")
+    md = out.with_suffix(".md")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, md)
+    print(f"wrote {out} and {md}")
     return 0
 
 

@@ -117,3 +117,23 @@ def test_calibrate_end_to_end(deep, images):
     assert set(recipe.statistics) == {str(l) for l in range(6)}
     again = quota.calibrate(deep, scheme, pairs, budget=0.6)
     assert asdict(again) == asdict(recipe)  # deterministic
+
+
+def test_fastv_recipe_meets_the_budget(deep):
+    r = quota.fastv_recipe(deep, 0.5)
+    assert r.layers == (2,) and r.achieved <= 0.5 + 1 / r.n
+    assert quota.processed_fraction([r.keeps[0] + 1], [2], 6, r.v0, r.n) > 0.5 + 1 / r.n  # the largest such K
+    with pytest.raises(ValueError, match="unreachable"):
+        quota.fastv_recipe(deep, 0.2)
+
+
+def test_evaluate_all_methods_at_one_budget(deep, images):
+    from qapruner import data
+
+    items = data.questions("test", 4, seed=0)
+    pairs = list(zip(images[:2], CALIB_PROMPTS))
+    res = quota.evaluate(deep, ptq.PRESETS["w4a16"], budget=0.5, pre_retention=0.8, items=items, calib_pairs=pairs)
+    assert set(res) == set(quota.BASELINES)
+    assert all(0 <= r["accuracy"] <= 1 for r in res.values())
+    assert res["visionzip"]["processed"] == res["qapruner"]["processed"] == 0.5
+    assert res["quota"]["processed"] <= 0.5 + 1 / 64 and res["fastv"]["processed"] <= 0.5 + 1 / 64
