@@ -97,14 +97,14 @@ def run(model_dir: Path, retentions, out_dir: Path, engines_dir: Path) -> None:
         prompts = scene.prompts()
         results = {r: _infer(arts[r], [path] * len(prompts), prompts) for r in retentions}
         print(f"== {name}: digits {sorted((d[0], d[1]) for d in scene.digits)}")
-        print(f"{'question':34} | truth " + "".join(f"| K={results[r]['keep']:<4} " for r in retentions))
+        print(f"{'question':35} | truth  " + "".join(f"| K={results[r]['keep']:<4} " for r in retentions))
         for i, q in enumerate(scene.questions):
             row = ""
             for r in retentions:
                 a = (results[r]["answers"][i].split() or [""])[0]
                 hits[r].append(a == q.answer)
                 row += f"| {a:>6} "
-            print(f"{q.text:34} | {q.answer:>5} {row}")
+            print(f"{q.text:35} | {q.answer:>6} {row}")
         for r in retentions:
             t = results[r]["timings"]
             timing[r].append(t)
