@@ -41,7 +41,7 @@ def kept_overlay(image: np.ndarray, indices, grid: int, path: Path) -> None:
     pic.save(path)
 
 
-def _artifact(model_dir: Path, retention: float, out: Path) -> str:
+def _artifact(model_dir: Path, retention: float, out: Path) -> tuple[str, bool]:
     """Export (unless an export of the same model and K is already there) and build engines."""
     import json
 
@@ -56,8 +56,8 @@ def _artifact(model_dir: Path, retention: float, out: Path) -> str:
         build(model_dir, out, Options(retention=retention, scoring=Scoring(semantic="cls", alpha=0.7)),
               force=True, log=lambda m: None)
     if not fresh or not (out / "engines.json").is_file():
-        return build_engines(out, log=lambda m: None)["reason"]
-    return json.loads((out / "engines.json").read_text())["reason"]
+        return build_engines(out, log=lambda m: None)["reason"], False
+    return json.loads((out / "engines.json").read_text())["reason"], True
 
 
 def _infer(art: Path, images: list[Path], prompts: list[str]) -> dict:
@@ -85,8 +85,10 @@ def run(model_dir: Path, retentions, out_dir: Path, engines_dir: Path) -> None:
     for r in retentions:
         t = time.perf_counter()
         arts[r] = engines_dir / f"demo-digits-r{r:g}"
-        reason = _artifact(model_dir, r, arts[r])
-        print(f"{arts[r]}: exported and built in {time.perf_counter() - t:.1f} s — {reason}")
+        reason, reused = _artifact(model_dir, r, arts[r])
+        what = "up to date (same model and K), reused" if reused else \
+            f"exported and built in {time.perf_counter() - t:.1f} s"
+        print(f"{arts[r]}: {what} — {reason}")
     print(f"\nmodel {model_dir}; QAPruner score with CLS attention, alpha 0.7; answers from runtime/infer.py "
           "(numpy + onnxruntime, no torch)\n")
     hits: dict = {r: [] for r in retentions}
