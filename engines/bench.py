@@ -166,7 +166,7 @@ def _export_score_select(scoring, k: int, features: np.ndarray, rows: np.ndarray
     return path
 
 
-def _cfg(llava, manifest_llm: dict | None = None) -> dict:
+def _cfg(llava) -> dict:
     from export.llm import io_names, kv_shape
 
     c = llava.model.config.text_config

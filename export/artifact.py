@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,6 @@ class Options:
     calibration_limit: int | None = None   # use the first N pairs
     calibrate_pruned: bool = True          # LLM statistics on the artifact's K kept tokens (False: all N)
     positions: str = "original"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.opset < MIN_OPSET:
@@ -146,27 +145,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _text_embedding(llava, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-    # mean of the prompt's non-special text-token embeddings: qapruner.pipeline.semantic_scores' t̄
-    special = torch.tensor(sorted(set(llava.processor.tokenizer.all_special_ids) | {llava.image_token_id}))
-    text = ~torch.isin(input_ids, special) & attention_mask.bool()
-    emb = llava.model.get_input_embeddings()(torch.where(text, input_ids, torch.zeros_like(input_ids)))
-    return ((emb * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)).detach().float().numpy()
+def _vision_feed(llava, batch: dict, semantic: str | None) -> dict[str, np.ndarray]:
+    from qapruner.pipeline import text_embedding
+
+    feed = {"pixel_values": batch["pixel_values"].float().numpy()}
+    if semantic == "text":
+        feed["text_embedding"] = text_embedding(llava, batch["input_ids"], batch["attention_mask"]).float().numpy()
+    return feed
 
 
 def vision_feeds(llava, pairs, semantic: str | None) -> list[dict[str, np.ndarray]]:
     """Calibration / comparison feeds for vision.onnx, one pair per feed."""
     from qapruner.pipeline import encode_inputs
 
-    feeds = []
     with torch.no_grad():
-        for image, prompt in pairs:
-            b = encode_inputs(llava, [image], [prompt])
-            feed = {"pixel_values": b["pixel_values"].float().numpy()}
-            if semantic == "text":
-                feed["text_embedding"] = _text_embedding(llava, b["input_ids"], b["attention_mask"])
-            feeds.append(feed)
-    return feeds
+        return [_vision_feed(llava, encode_inputs(llava, [image], [prompt]), semantic) for image, prompt in pairs]
 
 
 def llm_feeds(llava, pairs, keep: int, scoring: Scoring, positions: str,
@@ -186,10 +179,10 @@ def llm_feeds(llava, pairs, keep: int, scoring: Scoring, positions: str,
     table = llava.model.get_input_embeddings().weight.detach().float().numpy()
     feeds = []
     with torch.no_grad():
-        for (image, prompt), vfeed in zip(pairs, vision_feeds(llava, pairs, scoring.semantic) if session else pairs):
+        for image, prompt in pairs:
             if session is not None:
                 b = encode_inputs(llava, [image], [prompt])
-                v = session.infer(vfeed)
+                v = session.infer(_vision_feed(llava, b, scoring.semantic))
                 e, m, p = splice(b["input_ids"].numpy(), b["attention_mask"].numpy(), v["tokens"], v["indices"],
                                  table, llava.image_token_id, positions)
                 feed = {"inputs_embeds": e, "attention_mask": m, "position_ids": p}

@@ -23,6 +23,7 @@ import torch
 
 from export.artifact import llm_feeds, vision_feeds
 from qapruner import ptq
+from qapruner.quant import sqnr_db
 from qapruner.scoring import Scoring
 
 # Per-output elementwise tolerances (atol, rtol) of ONNX Runtime against torch under the same simulated scheme
@@ -121,11 +122,6 @@ def _tolerance_key(output: str) -> str:
     return "present" if output.startswith("present.") else output
 
 
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    noise = float(((ref.astype(np.float64) - got) ** 2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(float((ref.astype(np.float64) ** 2).sum()) / noise))
-
-
 def polygraphy_compare(session_factory, feeds: list[dict], torch_outputs: list[dict], tolerances: dict,
                        save: Path | None = None) -> dict:
     """Run the ONNX Runtime session through polygraphy on `feeds` and compare with the torch outputs."""
@@ -151,7 +147,8 @@ def polygraphy_compare(session_factory, feeds: list[dict], torch_outputs: list[d
     got = [dict(r) for r in results[0][1]]
     worst = {n: float(max(np.abs(g[n].astype(np.float64) - o[n]).max() for g, o in zip(got, torch_outputs)))
              for n in names}
-    sqnr = {n: float(np.median([sqnr_db(o[n], g[n]) for g, o in zip(got, torch_outputs)])) for n in names}
+    sqnr = {n: float(np.median([sqnr_db(torch.from_numpy(o[n]), torch.from_numpy(g[n]))
+                                for g, o in zip(got, torch_outputs)])) for n in names}
     floor = tolerances["sqnr_db"]
     return {"passed": bool(verdict) and min(sqnr.values()) >= floor, "polygraphy_passed": bool(verdict),
             "sqnr_floor_db": floor, "max_abs_error": worst, "median_sqnr_db": sqnr,
@@ -159,14 +156,10 @@ def polygraphy_compare(session_factory, feeds: list[dict], torch_outputs: list[d
 
 
 def _session(path: Path, config: dict):
-    def make():
-        import onnxruntime as ort
+    """A polygraphy session loader: the runtime's own ONNX Runtime session, with the artifact's settings."""
+    from runtime.backends import OrtBackend
 
-        opts = ort.SessionOptions()
-        for k, v in config.items():
-            opts.add_session_config_entry(k, str(v))
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return make
+    return lambda: OrtBackend(path, config).session
 
 
 def tensorrt_compare(art: Path, vfeeds: list[dict]) -> dict:
@@ -211,8 +204,8 @@ def compare(art: str | Path, questions: int = 200, reports: Path | None = None, 
     scoring = scoring_of(manifest)
     k = manifest["keep"]
     calib = manifest["calibration"]
-    pairs = load_pairs(calib["dir"])[: calib["pairs"]] if calib["pairs"] else []
     check_pairs = load_pairs(calib["dir"] or "calibration_data")
+    pairs = check_pairs[: calib["pairs"]] if calib["pairs"] else []  # the pairs the export calibrated on
     ref = reference(llava, manifest, pairs, art)
     if manifest["llm"]["precision"] in ("w4a16", "w4a8"):  # the graph must hold the reference's INT4 codes
         assert manifest["llm"]["int4_linears"] == len(weight_codes(ref))

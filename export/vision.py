@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qapruner.model import Llava, _attention_index, _encoder_layers
-from qapruner.scoring import Scoring, minmax_normalize
+from qapruner.scoring import Scoring, score_terms
 
 TRT_MAX_TOPK = 3840  # TensorRT's ITopKLayer limit on K
 
@@ -74,34 +74,12 @@ class ScoreSelect(nn.Module):
             semantic = nn.functional.cosine_similarity(features.float(), text_embedding.float()[:, None, :], dim=-1)
         else:
             semantic = None
-        s = _scores(features, semantic, self.scoring)  # [B, N]
+        sc = self.scoring  # hybrid_scores' arithmetic without its data-dependent value checks
+        s = score_terms(features, semantic, sc.alpha, sc.group_size, sc.bits, sc.sq_mode)["S"]  # [B, N]
         # top-K then ascending order; TopK breaks ties towards the lower index like pruning.select
         kept = torch.sort(torch.topk(s, self.k, dim=1, largest=True, sorted=True).indices, dim=1).values
         tokens = torch.gather(features, 1, kept[:, :, None].expand(-1, -1, features.shape[-1]))
         return tokens, kept, s
-
-
-def _scores(features: torch.Tensor, semantic: torch.Tensor | None, scoring: Scoring) -> torch.Tensor:
-    """S of `qapruner.scoring.hybrid_scores` (Eq. 4-5) without its value checks (isfinite / NaN are
-    data-dependent branches that cannot be traced); tests hold the two equal."""
-    v = features.float()
-    E = (v - _group_fake_quant(v, scoring.group_size, scoring.bits)).norm(dim=-1)  # [B, N]
-    R = v.amax(-1) - v.amin(-1)
-    sq = {"hybrid": lambda: 0.5 * minmax_normalize(E) + 0.5 * minmax_normalize(R),
-          "error": lambda: minmax_normalize(E), "range": lambda: minmax_normalize(R)}[scoring.sq_mode]()
-    sp = torch.zeros_like(sq) if semantic is None else minmax_normalize(semantic.float())
-    return scoring.alpha * sp + (1 - scoring.alpha) * sq
-
-
-def _group_fake_quant(v: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
-    """Symmetric group-wise fake quantization (QAPruner Eq. 1-2) as plain ops: [B, N, D] -> [B, N, D].
-    Same arithmetic as qapruner.quant.fake_quantize (half-to-even Round, Clip, zero groups -> 0)."""
-    qmax = 2 ** (bits - 1) - 1
-    g = v.reshape(*v.shape[:-1], v.shape[-1] // group_size, group_size)  # [B, N, D/G, G]
-    scale = g.abs().amax(-1, keepdim=True) / qmax
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(g / safe), -qmax - 1, qmax)
-    return (q * scale).reshape(v.shape)
 
 
 def export_vision(llava: Llava, scoring: Scoring, k: int, path: str | Path, *, opset: int = 21,

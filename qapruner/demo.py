@@ -47,7 +47,6 @@ def _artifact(model_dir: Path, retention: float, out: Path) -> tuple[str, bool]:
 
     from engines.build import build as build_engines
     from export.artifact import Options, build, model_sha256
-    from qapruner.pruning import resolve_k
 
     manifest = out / "manifest.json"
     fresh = manifest.is_file() and (lambda m: m.get("source_sha256") == model_sha256(model_dir)

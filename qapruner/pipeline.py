@@ -79,13 +79,16 @@ def semantic_scores(llava: Llava, source: str | None, encoded: dict, input_ids: 
     features = encoded["features"]
     if source == "cls":
         return cls_attention(encoded["attentions"], features.shape[1])
-    # mean embedding of the prompt's text tokens: no image placeholders, padding or special tokens (BOS, ...);
-    # chat-template words count as text
+    return text_relevance(features, text_embedding(llava, input_ids, attention_mask))
+
+
+def text_embedding(llava: Llava, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """t̄, the mean embedding of each prompt's text tokens, [B, T] -> [B, D]: no image placeholders, padding or
+    special tokens (BOS, ...); chat-template words count as text."""
     special = torch.tensor(sorted(set(llava.processor.tokenizer.all_special_ids) | {llava.image_token_id}))
     text = ~torch.isin(input_ids, special) & attention_mask.bool()
     emb = llava.model.get_input_embeddings()(torch.where(text, input_ids, torch.zeros_like(input_ids)))
-    mean = (emb * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-    return text_relevance(features, mean)
+    return (emb * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
 
 
 POSITIONS = ("original", "contiguous")
@@ -167,27 +170,39 @@ def _eos_ids(llava: Llava) -> set[int]:
 def generate(llava: Llava, prefill: Prefill, max_new_tokens: int = 16) -> torch.Tensor:
     """Greedy decoding with a KV cache from a prefill. Returns token ids [B, ≤max_new_tokens]; rows that ended
     are padded with the pad token."""
+    embed = llava.model.get_input_embeddings()
+    cache = ptq.make_cache(llava)
+    mask, pos = prefill.attention_mask, prefill.position_ids
+    out = _llm(llava, prefill.inputs_embeds, mask, pos, cache, logits_to_keep=1)
+
+    def advance(nxt: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, pos
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        return _llm(llava, embed(nxt[:, None]), mask, pos, cache, logits_to_keep=1).logits
+    return greedy(llava, out.logits, advance, max_new_tokens)
+
+
+def greedy(llava: Llava, logits: torch.Tensor, advance, max_new_tokens: int) -> torch.Tensor:
+    """The greedy loop from a prefill's logits [B, T, V]: `advance(next tokens [B])` feeds them to the
+    decoder and returns the new logits [B, 1, V]. Stops at end of sequence (rows that ended are padded with the
+    pad token) or after `max_new_tokens`; returns [B, ≤ max_new_tokens]."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     eos = _eos_ids(llava)
     pad = llava.processor.tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(eos), 0)
-    embed = llava.model.get_input_embeddings()
-    cache = ptq.make_cache(llava)
-    mask, pos = prefill.attention_mask, prefill.position_ids
-    out = _llm(llava, prefill.inputs_embeds, mask, pos, cache, logits_to_keep=1)
-    done = torch.zeros(mask.shape[0], dtype=torch.bool)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
     tokens = []
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt = logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
+        done |= torch.isin(nxt, eos_t)
         if done.all() or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos = pos[:, -1:] + 1
-        out = _llm(llava, embed(nxt[:, None]), mask, pos, cache, logits_to_keep=1)
+        logits = advance(nxt)
     return torch.stack(tokens, 1)
 
 

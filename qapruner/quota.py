@@ -290,9 +290,9 @@ def prefill(llava: Llava, recipe: Recipe | None, embeds: torch.Tensor, mask: tor
             V = score.shape[1]
             vpos = visual.nonzero()[:, 1].view(B, V)
             top = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values              # [B, k]
+            kept[i] = torch.gather(vpos, 1, top)                                            # positions
             keep = ~visual
-            keep[torch.arange(B)[:, None], torch.gather(vpos, 1, top)] = True
-            kept[i] = torch.gather(vpos, 1, top)
+            keep[torch.arange(B)[:, None], kept[i]] = True
             Tk = int(keep.sum(1)[0])
             h = h[keep].view(B, Tk, -1)
             mask, pos, visual = mask[keep].view(B, Tk), pos[keep].view(B, Tk), visual[keep].view(B, Tk)
@@ -319,23 +319,11 @@ def step(llava: Llava, state: State, embed: torch.Tensor) -> torch.Tensor:
 def generate(llava: Llava, recipe: Recipe | None, p, visual: torch.Tensor, max_new_tokens: int = 16) -> torch.Tensor:
     """Greedy decoding with the recipe from a `qapruner.pipeline.Prefill` `p`; visual [B, T'] marks its
     visual positions. Same contract as `qapruner.pipeline.generate`."""
-    from qapruner.pipeline import _eos_ids
+    from qapruner.pipeline import greedy
 
-    eos = _eos_ids(llava)
-    pad = llava.processor.tokenizer.pad_token_id
-    pad = pad if pad is not None else next(iter(eos), 0)
     logits, state, _ = prefill(llava, recipe, p.inputs_embeds, p.attention_mask, p.position_ids, visual)
     embed = llava.model.get_input_embeddings()
-    done = torch.zeros(logits.shape[0], dtype=torch.bool)
-    tokens = []
-    for s in range(max_new_tokens):
-        nxt = torch.where(done, torch.full_like(logits[:, -1, 0], pad, dtype=torch.long), logits[:, -1].argmax(-1))
-        tokens.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
-        if done.all() or s == max_new_tokens - 1:
-            break
-        logits = step(llava, state, embed(nxt[:, None]))
-    return torch.stack(tokens, 1)
+    return greedy(llava, logits, lambda nxt: step(llava, state, embed(nxt[:, None])), max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------

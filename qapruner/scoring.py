@@ -67,21 +67,44 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(x))
 
 
-def quantization_error(features: torch.Tensor, group_size: int = 128, bits: int = 4) -> torch.Tensor:
-    """E_i = ||v_i − Q(v_i)||₂ (QAPruner Eq. 1-2): [B, N, D] -> [B, N], computed in float32."""
-    _check_features(features)
+def _check_groups(features: torch.Tensor, group_size: int) -> None:
     if features.shape[-1] % group_size:
         raise ValueError(f"group_size {group_size} does not divide the feature dimension D = "
                          f"{features.shape[-1]}; pick a divisor of D")
-    v = features.float()
+
+
+def _error(v: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     return (v - fake_quantize(v, bits, symmetric=True, granularity="group", group_size=group_size)).norm(dim=-1)
+
+
+def _range(v: torch.Tensor) -> torch.Tensor:
+    return v.amax(dim=-1) - v.amin(dim=-1)
+
+
+def quantization_error(features: torch.Tensor, group_size: int = 128, bits: int = 4) -> torch.Tensor:
+    """E_i = ||v_i − Q(v_i)||₂ (QAPruner Eq. 1-2): [B, N, D] -> [B, N], computed in float32."""
+    _check_features(features)
+    _check_groups(features, group_size)
+    return _error(features.float(), group_size, bits)
 
 
 def token_range(features: torch.Tensor) -> torch.Tensor:
     """R_i = max_j v_ij − min_j v_ij (QAPruner Eq. 3): [B, N, D] -> [B, N]."""
     _check_features(features)
+    return _range(features.float())
+
+
+def score_terms(features: torch.Tensor, semantic: torch.Tensor | None, alpha: float, group_size: int, bits: int,
+                sq_mode: str) -> dict[str, torch.Tensor]:
+    """The arithmetic of `hybrid_scores` (Eq. 1-5) with no value checks: no data-dependent branch, so
+    `torch.onnx.export` can trace it (the exported vision graph scores with exactly this). Inputs as there."""
     v = features.float()
-    return v.amax(dim=-1) - v.amin(dim=-1)
+    E, R = _error(v, group_size, bits), _range(v)
+    sq = {"hybrid": lambda: 0.5 * minmax_normalize(E) + 0.5 * minmax_normalize(R),
+          "error": lambda: minmax_normalize(E),
+          "range": lambda: minmax_normalize(R)}[sq_mode]()
+    sp = torch.zeros_like(sq) if semantic is None else minmax_normalize(semantic.float())  # S^P = 0: S ranks as S^Q
+    return {"E": E, "R": R, "SQ": sq, "SP": sp, "S": alpha * sp + (1 - alpha) * sq}
 
 
 def hybrid_scores(features: torch.Tensor, semantic: torch.Tensor | None = None, alpha: float = 0.7,
@@ -93,25 +116,18 @@ def hybrid_scores(features: torch.Tensor, semantic: torch.Tensor | None = None, 
     _check_features(features)
     _check_args(alpha, group_size, bits, sq_mode)
     alpha, group_size, bits = float(alpha), int(group_size), int(bits)  # numpy scalars welcome
+    _check_groups(features, group_size)
     B, N, _ = features.shape
-    E = quantization_error(features, group_size, bits)
-    R = token_range(features)
-    sq = {"hybrid": lambda: 0.5 * minmax_normalize(E) + 0.5 * minmax_normalize(R),
-          "error": lambda: minmax_normalize(E),
-          "range": lambda: minmax_normalize(R)}[sq_mode]()
-    if semantic is None:  # S^P = 0: S = (1 − α)·S^Q ranks as S^Q does
+    if semantic is None:
         if alpha == 1:
             raise ValueError("alpha=1 ranks by the semantic score alone, but no semantic score was given")
-        sp = torch.zeros_like(sq)
-    else:
-        if not torch.is_tensor(semantic) or tuple(semantic.shape) != (B, N):
-            raise ValueError(f"semantic must be a tensor [B, N] = [{B}, {N}], got "
-                             f"{tuple(semantic.shape) if torch.is_tensor(semantic) else type(semantic).__name__}")
-        sp = minmax_normalize(semantic.float())
-    s = alpha * sp + (1 - alpha) * sq
-    if torch.isnan(s).any():
+    elif not torch.is_tensor(semantic) or tuple(semantic.shape) != (B, N):
+        raise ValueError(f"semantic must be a tensor [B, N] = [{B}, {N}], got "
+                         f"{tuple(semantic.shape) if torch.is_tensor(semantic) else type(semantic).__name__}")
+    scores = score_terms(features, semantic, alpha, group_size, bits, sq_mode)
+    if torch.isnan(scores["S"]).any():
         raise ValueError("scores contain NaN: the semantic score holds NaN or Inf values")
-    return {"E": E, "R": R, "SQ": sq, "SP": sp, "S": s}
+    return scores
 
 
 def cls_attention(attentions: torch.Tensor, num_tokens: int) -> torch.Tensor:

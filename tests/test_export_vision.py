@@ -4,22 +4,26 @@ import pytest
 import torch
 
 from export.artifact import vision_feeds
-from export.vision import VisionPruner, _group_fake_quant, export_vision
+from export.vision import VisionPruner, export_vision
 from qapruner import pipeline
-from qapruner.quant import fake_quantize
-from qapruner.scoring import Scoring
+from qapruner.scoring import Scoring, hybrid_scores, score_terms
 from runtime.backends import OrtBackend
 
 SCORINGS = [Scoring(semantic="cls", alpha=0.7), Scoring(semantic="text", alpha=0.5),
             Scoring(semantic=None, alpha=0.0), Scoring(semantic="cls", alpha=0.3, sq_mode="error", group_size=32)]
 
 
-def test_group_fake_quant_equals_the_primitive():
+def test_traced_score_terms_equal_hybrid_scores():
+    """What the graph computes (score_terms, no value checks) is hybrid_scores exactly, zero groups included."""
     v = torch.randn(2, 7, 64) * torch.linspace(0.1, 30, 64)
     v[0, 3, :32] = 0  # a zero group dequantizes to 0
-    for bits, g in ((4, 16), (4, 64), (8, 32), (3, 8)):
-        torch.testing.assert_close(_group_fake_quant(v, g, bits),
-                                   fake_quantize(v, bits, granularity="group", group_size=g), rtol=0, atol=0)
+    sem = torch.rand(2, 7)
+    for bits, g, mode, alpha, semantic in ((4, 16, "hybrid", 0.7, sem), (4, 64, "error", 0.3, sem),
+                                           (8, 32, "range", 0.0, None), (3, 8, "hybrid", 0.5, None)):
+        want = hybrid_scores(v, semantic, alpha, g, bits, mode)
+        got = score_terms(v, semantic, alpha, g, bits, mode)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scoring", SCORINGS, ids=lambda s: f"{s.semantic}-{s.alpha}-{s.sq_mode}")
