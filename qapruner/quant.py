@@ -86,16 +86,24 @@ def compute_params(x: torch.Tensor, bits: int, *, symmetric: bool = True, granul
     return scale, zero
 
 
+def _view(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    # the data as the parameters see it: [..., D], or [..., D/G, G] for groups
+    return x if group_size is None else _grouped(x, group_size)
+
+
 def _expand(p: torch.Tensor, x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """`p` made broadcastable to `_view(x, group_size)` (group parameters [..., D/G] -> [..., D/G, 1]: each
+    group's parameter is broadcast over its G elements, never copied G times)."""
+    shape = tuple(p.shape)
     if group_size is not None:
         if p.shape[-1] * group_size != x.shape[-1]:
-            raise ValueError(f"group parameters of shape {tuple(p.shape)} do not match data of shape "
+            raise ValueError(f"group parameters of shape {shape} do not match data of shape "
                              f"{tuple(x.shape)} with group_size {group_size}")
-        p = p.repeat_interleave(group_size, dim=-1)
+        p = p[..., None]
     try:
-        torch.broadcast_shapes(p.shape, x.shape)
+        torch.broadcast_shapes(p.shape, _view(x, group_size).shape)
     except RuntimeError:
-        raise ValueError(f"parameters of shape {tuple(p.shape)} do not broadcast to data of shape "
+        raise ValueError(f"parameters of shape {shape} do not broadcast to data of shape "
                          f"{tuple(x.shape)}") from None
     return p
 
@@ -115,10 +123,10 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = N
     s = _expand(scale, x, group_size)
     safe = torch.where(s > 0, s, torch.ones_like(s))  # zero-range group: q = zero point, dequantizes to 0
     # (its data is all zeros: a symmetric group of zeros, or an asymmetric range clamped to include 0)
-    q = torch.round(x / safe)
+    q = torch.round(_view(x, group_size) / safe)
     if not symmetric:
         q = q + _expand(zero, x, group_size)
-    return q.clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
+    return q.clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *,
@@ -127,10 +135,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     if not torch.is_tensor(q) or q.is_floating_point():
         raise TypeError("dequantize expects an integer tensor")
     s = _expand(scale, q, group_size)
-    v = q.to(s.dtype)
+    v = _view(q, group_size).to(s.dtype)
     if zero is not None:
         v = v - _expand(zero, q, group_size).to(s.dtype)
-    return v * s
+    return (v * s).reshape(q.shape)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, *, symmetric: bool = True, granularity: str = "tensor",
