@@ -109,8 +109,8 @@ def open_artifact(root: str | Path, backend: str = "auto", threads: int | None =
         else:
             files = {g: root / f"{g}.onnx" for g in ("vision", "llm")}
             reason = "ONNX Runtime on the exported graphs (make engines has not been run)"
-        # the vision session runs once per request: its idle threads must not spin while the LLM runs (on a
-        # 2-core CPU that doubled prefill time at 100% retention, measured in make bench's setting)
+        # the vision session runs once per request: its idle threads must not spin while the LLM runs (they
+        # compete with the LLM's threads for the cores; on this 2-core CPU that slowed prefill markedly)
         vision = OrtBackend(files["vision"], {"session.intra_op.allow_spinning": "0"}, threads=threads)
         llm = OrtBackend(files["llm"], config, threads=threads)
         chosen = "onnxruntime"
