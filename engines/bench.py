@@ -9,6 +9,8 @@ docs/results/speed.{md,json} with the machine's description. Every time is a med
 3. End to end: `runtime/infer.py` (numpy + ONNX Runtime) vs Hugging Face transformers `generate` in torch on
    the same model, image and prompt: latency per request and peak RSS, each in its own process.
 4. Decode tokens/s: fp32 vs INT4 weights (W4A16, W4A8) in ONNX Runtime.
+5. QUOTA: LLM prefill at an average budget of 30% of the visual tokens per layer — all tokens, QAPruner's cut
+   before the LLM, and a calibrated recipe exported into llm_prefill.onnx (`--only-quota` reruns this alone).
 """
 from __future__ import annotations
 
@@ -118,6 +120,86 @@ def prefill_rows(llm_path: Path, cfg: dict, n_visual: int, repeats: int, gflops:
         row["achieved_gflops"] = row["flops"] / row["seconds"] / 1e9
         row["fraction_of_matmul_peak"] = row["achieved_gflops"] / gflops
     return rows
+
+
+def layer_flops(cfg: dict, tokens: list[int]) -> float:
+    """FLOPs of a prefill whose layer l sees tokens[l] tokens (QUOTA shrinks the sequence inside the LLM)."""
+    one = dict(cfg, num_layers=1)
+    head = 2 * cfg["hidden_size"] * cfg["vocab_size"]
+    return sum(llm_flops(one, t) - head for t in tokens) + head
+
+
+def quota_rows(paths: dict, cfg: dict, recipe, budget: float, repeats: int) -> list[dict]:
+    """LLM prefill at one average budget of visual tokens per layer: all N tokens; QAPruner's cut to
+    ceil(budget·N) before the LLM (llm.onnx); the QUOTA recipe (llm_prefill.onnx: V0 in, K_l from its layers
+    on). FLOPs counted per layer with each layer's own token count."""
+    from qapruner.quota import processed_fraction
+    from runtime.backends import OrtBackend
+
+    n, v0, L = recipe.n, recipe.v0, cfg["num_layers"]
+    plain, pre = OrtBackend(paths["llm"]), OrtBackend(paths["llm_prefill"])
+    rows = []
+    for name, k in (("all tokens", n), (f"QAPruner before the LLM ({budget:g})", int(np.ceil(budget * n - 1e-9)))):
+        feed = _llm_feed(cfg, 1, k + TEXT_TOKENS, 0)
+        rows.append({"method": name, "visual_tokens_per_layer": [k] * L, "processed": k / n,
+                     "seconds": median_time(lambda: plain.infer(feed), repeats),
+                     "flops": layer_flops(cfg, [k + TEXT_TOKENS] * L)})
+    feed = {k: v for k, v in _llm_feed(cfg, 1, v0 + TEXT_TOKENS, 0).items() if not k.startswith("past_")}
+    feed["visual_mask"] = np.zeros((1, v0 + TEXT_TOKENS), np.int64)
+    feed["visual_mask"][0, 4:4 + v0] = 1  # "USER: <image>" then the question, as in the LLaVA template
+    per_layer, current = [], v0
+    for i in range(L):
+        current = recipe.keep_at(i) or current
+        per_layer.append(current)
+    rows.append({"method": f"QUOTA (V0 = {v0}, layers {list(recipe.layers)} keep {list(recipe.keeps)})",
+                 "visual_tokens_per_layer": per_layer,
+                 "processed": processed_fraction(recipe.keeps, recipe.layers, L, v0, n),
+                 "seconds": median_time(lambda: pre.infer(feed), repeats),
+                 "flops": layer_flops(cfg, [t + TEXT_TOKENS for t in per_layer])})
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+        row["flop_floor_speedup"] = rows[0]["flops"] / row["flops"]
+    return rows
+
+
+def quota_section(work: Path, repeats: int, budget: float = 0.30, deep: bool = True, log=print) -> dict:
+    """QUOTA prefill at `budget` on the embedded model (its 3-layer decoder prunes at layer 2 only, after
+    QAPruner's cut to 40%) and, with `deep`, on a random model with LLaVA-1.5's 576 visual tokens and an
+    8-layer decoder (hidden 2048), where the recipe alone meets the budget. Recipes calibrated under
+    simulated W4A4 with a 4-bit KV cache on DigitsVQA train pairs; graphs in float32."""
+    import torch
+
+    from export.llm import export_llm
+    from export.quota import export_recipe_llm
+    from qapruner import ptq, quota
+    from qapruner.evaluate import calibration_pairs
+    from qapruner.model import load, tiny
+
+    scheme = ptq.scheme_from_name("w4a4", kv_bits=4)
+    models = {"digits-llava (embedded)": (lambda: load(ROOT / "models" / "digits-llava"), 0.4, 8)}
+    if deep:
+        def deep_model():
+            torch.manual_seed(0)
+            return tiny(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=4,
+                        text_hidden=2048, text_layers=8, text_heads=16, kv_heads=16, intermediate=5504)
+        models["576 tokens, 8-layer decoder (random)"] = (deep_model, 1.0, 2)
+    out = {}
+    for name, (make, pre, n_pairs) in models.items():
+        llava = make()
+        recipe = quota.calibrate(llava, scheme, calibration_pairs(0, n_pairs), budget=budget, pre_retention=pre)
+        d = work / ("quota-" + name.split()[0].replace(",", ""))
+        d.mkdir(parents=True, exist_ok=True)
+        paths = {"llm": export_llm(llava, d / "llm-plain.onnx")}
+        export_recipe_llm(llava, recipe, d)
+        paths["llm_prefill"] = d / "llm_prefill.onnx"
+        cfg = _cfg(llava)
+        rows = quota_rows(paths, cfg, recipe, budget, repeats)
+        out[name] = {"visual_tokens": recipe.n, "llm": {x: cfg[x] for x in cfg if x != "inputs"}, "budget": budget,
+                     "pre_retention": pre, "recipe": {"layers": list(recipe.layers), "keeps": list(recipe.keeps),
+                                                      "v0": recipe.v0, "achieved": recipe.achieved}, "rows": rows}
+        log(f"QUOTA prefill, {name}: " + "; ".join(f"{r['method']} {1e3 * r['seconds']:.2f} ms" for r in rows))
+        del llava
+    return out
 
 
 def decode_rate(llm_path: Path, cfg: dict, config: dict, prompt: int, steps: int = 32) -> float:
@@ -271,7 +353,8 @@ def end_to_end(model_dir: Path, arts: dict, image: Path, prompt: str, tokens: in
     return result
 
 
-def run(out: Path, repeats: int = 5, big: bool = True, log=print) -> dict:
+def run(out: Path, repeats: int = 5, big: bool = True, log=print, only_quota: bool = False) -> dict:
+    """Every section, or with `only_quota` the QUOTA section alone, merged into the existing `out`."""
     import torch
 
     from engines.build import build as build_engines
@@ -283,6 +366,15 @@ def run(out: Path, repeats: int = 5, big: bool = True, log=print) -> dict:
     t_start = time.time()
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
+    if only_quota:
+        if not out.is_file():
+            raise FileNotFoundError(f"{out} does not exist: run make bench (all sections) first")
+        doc = json.loads(out.read_text())
+        doc["quota"] = quota_section(work, repeats, deep=big, log=log)
+        doc["quota_seconds"] = round(time.time() - t_start, 1)
+        doc["quota_machine"] = machine()
+        write(doc, out)
+        return doc
     doc: dict = {"machine": machine(), "repeats": repeats, "text_tokens": TEXT_TOKENS}
     doc["matmul_gflops"] = matmul_gflops()
     log(f"MatMul: {doc['matmul_gflops']:.1f} GFLOP/s")
@@ -340,6 +432,9 @@ def run(out: Path, repeats: int = 5, big: bool = True, log=print) -> dict:
         doc["end_to_end"][name] = {"model": str(model_dir.relative_to(ROOT)), "prompt": prompt, "new_tokens": 8,
                                    "repeats": reps, **end_to_end(model_dir, arts, image, prompt, 8, reps)}
         log(f"end to end, {name}: {json.dumps(doc['end_to_end'][name])}")
+    t_quota = time.time()
+    doc["quota"] = quota_section(work, repeats, deep=big, log=log)
+    doc["quota_seconds"] = round(time.time() - t_quota, 1)
     doc["seconds"] = round(time.time() - t_start, 1)
     write(doc, out)
     return doc
@@ -392,6 +487,26 @@ def write(doc: dict, out: Path) -> None:
                          f"{r['first_answer_s']:.2f} | {r['peak_rss_mb']:.0f} | "
                          f"{100 * r['peak_rss_mb'] / torch_row['peak_rss_mb']:.0f}% |")
         lines.append("")
+    if "quota" in doc:
+        lines += [f"## QUOTA: LLM prefill at an average budget of {next(iter(doc['quota'].values()))['budget']:g} "
+                  "of the visual tokens per layer", "",
+                  f"`python -m engines.bench --only-quota` (in {doc.get('quota_seconds', 0):.0f} s; also part of "
+                  "`make bench`). Float32 graphs in ONNX Runtime, batch 1, "
+                  f"{doc['text_tokens']} text tokens; recipes calibrated (`qapruner.quota.calibrate`) under simulated "
+                  "W4A4 with a 4-bit KV cache on DigitsVQA train pairs. QUOTA runs the exported `llm_prefill.onnx` "
+                  "(scoring, TopK and Gather inside the graph); the other rows run the plain `llm.onnx`. "
+                  "Processed = mean over decoder layers of the fraction of the N visual tokens a layer sees.", ""]
+        for name, q in doc["quota"].items():
+            llm = q["llm"]
+            lines += [f"### {name}: {q['visual_tokens']} visual tokens, LLM hidden {llm['hidden_size']}, "
+                      f"{llm['num_layers']} layers", "",
+                      "| method | visual tokens per layer | processed | prefill (ms) | speed-up vs all tokens | "
+                      "FLOP-floor speed-up |", "|---|---|---|---|---|---|"]
+            for r in q["rows"]:
+                lines.append(f"| {r['method']} | {', '.join(map(str, r['visual_tokens_per_layer']))} | "
+                             f"{r['processed']:.3f} | {1e3 * r['seconds']:.2f} | {r['speedup']:.2f}× | "
+                             f"{r['flop_floor_speedup']:.2f}× |")
+            lines.append("")
     lines += ["", "Targets (issue): prefill at 12.5% ≥ 5× faster than at 100% on the LLaVA-1.5-shaped model; "
               "score+prune ≤ 3% of the vision encoder; runtime end to end ≥ 3× faster than transformers; runtime "
               "peak RSS ≤ 40% of the torch path.", ""]
@@ -405,9 +520,16 @@ def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m engines.bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed.json")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-big", action="store_true", help="skip the LLaVA-1.5-shaped model")
+    p.add_argument("--no-big", action="store_true", help="skip the LLaVA-1.5-shaped and the 8-layer models")
+    p.add_argument("--only-quota", action="store_true",
+                   help="rerun the QUOTA prefill section only, merged into the existing --out")
     args = p.parse_args(argv)
-    run(args.out, args.repeats, not args.no_big, log=lambda m: print(m, file=sys.stderr))
+    try:
+        run(args.out, args.repeats, not args.no_big, log=lambda m: print(m, file=sys.stderr),
+            only_quota=args.only_quota)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from runtime.artifact import ENGINES_FORMAT as FORMAT
-from runtime.artifact import sha256
-GRAPHS = ("vision", "llm")
+from runtime.artifact import graphs, sha256
+
 ORIN_WORKSPACE = 2 << 30  # bytes of TensorRT workspace: leaves most of an 8 GB Orin to weights and KV cache
 ORT_LEVEL = "ORT_ENABLE_EXTENDED"  # portable across CPUs (ENABLE_ALL adds layout transforms for this one)
 
@@ -70,8 +70,8 @@ def build_ort(art: Path, manifest: dict, threads: int | None = None) -> dict:
     import onnxruntime as ort
 
     files = {}
-    for graph in GRAPHS:
-        config = manifest["llm"]["session_options"] if graph == "llm" else {}
+    for graph in graphs(manifest):
+        config = manifest["llm"]["session_options"] if graph.startswith("llm") else {}
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVEL)
         for k, v in config.items():
@@ -100,6 +100,12 @@ def _trt_profiles(graph: str, manifest: dict, max_batch: int, max_tokens: int):
         return [p]
     cfg, k = manifest["llm"], manifest["keep"]
     d, h, dh = cfg["hidden_size"], cfg["kv_heads"], cfg["head_dim"]
+    if graph == "llm_prefill":  # a QUOTA prefill: no past; at least the V0 visual tokens and one text token
+        p = Profile()
+        for name in cfg["recipe"]["prefill_inputs"]:
+            last = (d,) if name == "inputs_embeds" else ()
+            p.add(name, (1, k + 1, *last), (1, k + 32, *last), (max_batch, max_tokens, *last))
+        return [p]
     prefill, decode = Profile(), Profile()
     for p, seq, past in ((prefill, (1, k + 32, max_tokens), (0, 0, 0)), (decode, (1, 1, 1), (0, k + 48, max_tokens))):
         p.add("inputs_embeds", (1, seq[0], d), (1, seq[1], d), (max_batch, seq[2], d))
@@ -108,7 +114,8 @@ def _trt_profiles(graph: str, manifest: dict, max_batch: int, max_tokens: int):
         p.add("position_ids", (1, seq[0]), (1, seq[1]), (max_batch, seq[2]))
         for name in cfg["inputs"][3:]:
             p.add(name, (1, h, past[0], dh), (1, h, past[1], dh), (max_batch, h, past[2], dh))
-    return [prefill, decode]
+    # a QUOTA decode graph never sees an empty past (its prefill graph is separate): the decode profile only
+    return [decode] if cfg.get("recipe") else [prefill, decode]
 
 
 def build_trt(art: Path, manifest: dict, max_batch: int = 4, max_tokens: int = 2048) -> dict:
@@ -120,9 +127,9 @@ def build_trt(art: Path, manifest: dict, max_batch: int = 4, max_tokens: int = 2
 
     cache = art / "timing.cache"
     files = {}
-    for graph in GRAPHS:
-        precision = manifest[graph]["precision"]
-        int4 = graph == "llm" and precision in ("w4a16", "w4a8")
+    for graph in graphs(manifest):
+        precision = manifest["llm" if graph.startswith("llm") else graph]["precision"]
+        int4 = graph.startswith("llm") and precision in ("w4a16", "w4a8")
         network = NetworkFromOnnxPath(str(art / f"{graph}.onnx"), strongly_typed=int4 or None)
         config = CreateConfig(fp16=(precision == "fp16" and not int4) or None,
                               int8=precision in ("int8", "w8a8") or None,
@@ -152,7 +159,7 @@ def build(art: str | Path, backend: str = "auto", log=print) -> dict:
     reason = why if use_trt else (f"{why}: built ONNX Runtime CPU models" if backend == "auto"
                                   else "ONNX Runtime asked for (--backend ort)")
     doc = {"format": FORMAT, **info, "reason": reason, "artifact_keep": manifest["keep"],
-           "precisions": {g: manifest[g]["precision"] for g in GRAPHS},
+           "precisions": {g: manifest[g]["precision"] for g in ("vision", "llm")},
            "manifest_sha256": sha256(art / "manifest.json"), "build_seconds": round(time.time() - t0, 1),
            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(art / "engines.json", doc)

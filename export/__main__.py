@@ -1,5 +1,6 @@
 """python -m export --model DIR --keep K | --retention R --semantic cls|text|none --alpha A
-                   --vision fp32|fp16|int8 --llm fp32|fp16|w4a16|w8a8|w4a8 --out engines/NAME [--force]
+                   --vision fp32|fp16|int8 --llm fp32|fp16|w4a16|w8a8|w4a8 [--recipe recipe.json]
+                   --out engines/NAME [--force]
 
 Precision names exist here only; the builder takes frozen dataclasses."""
 from __future__ import annotations
@@ -19,7 +20,7 @@ LLM = {"fp32": LlmPrecision(), "fp16": LlmPrecision(fp16=True), "w4a16": LlmPrec
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local llava-hf directory (e.g. models/digits-llava)")
-    k = p.add_mutually_exclusive_group(required=True)
+    k = p.add_mutually_exclusive_group()
     k.add_argument("--keep", type=int, help="kept visual tokens K (fixed in the graph)")
     k.add_argument("--retention", type=float, help="kept fraction of the N visual tokens (K = ceil(r·N))")
     p.add_argument("--semantic", default="cls", choices=["cls", "text", "none"])
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=int, default=None, help="use only the first N calibration pairs")
     p.add_argument("--calib-tokens", default="pruned", choices=["pruned", "full"],
                    help="LLM statistics on the artifact's K kept tokens (default) or on all N, for comparison")
+    p.add_argument("--recipe", default=None, help="QUOTA recipe (python -m qapruner.quota calibrate) to bake into "
+                   "the LLM: K defaults to the recipe's V0")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--out", required=True, help="artifact folder, e.g. engines/digits-k32")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
@@ -49,7 +52,14 @@ def options_from_args(args, dim: int | None = None) -> Options:
         llm = LlmPrecision(4, llm.int8_activations, args.int4_block, args.weights)
     group = args.group_size or (min(128, dim) if dim else 128)
     semantic = None if args.semantic == "none" else args.semantic
-    return Options(keep=args.keep, retention=args.retention,
+    keep = args.keep
+    if args.recipe is not None and keep is None and args.retention is None:
+        from qapruner.quota import Recipe
+
+        keep = Recipe.load(args.recipe).v0
+    if keep is None and args.retention is None:
+        raise ValueError("give --keep K or --retention R (or a --recipe, whose V0 sets K)")
+    return Options(keep=keep, retention=args.retention, recipe=args.recipe,
                    scoring=Scoring(semantic=semantic, alpha=args.alpha, group_size=group),
                    vision=VISION[args.vision], llm=llm, opset=args.opset, calibration=args.calibration,
                    calibration_limit=args.calib_limit, calibrate_pruned=args.calib_tokens == "pruned")

@@ -104,6 +104,7 @@ class Options:
     calibration_limit: int | None = None   # use the first N pairs
     calibrate_pruned: bool = True          # LLM statistics on the artifact's K kept tokens (False: all N)
     positions: str = "original"
+    recipe: str | None = None              # a QUOTA recipe (qapruner.quota) baked into the LLM graphs
 
     def __post_init__(self):
         if self.opset < MIN_OPSET:
@@ -113,6 +114,9 @@ class Options:
                              f"needs opset ≥ {INT4_OPSET}")
         if (self.keep is None) == (self.retention is None):
             raise ValueError("give exactly one of keep (a token count) or retention (a fraction)")
+        if self.recipe is not None and self.llm.weight_bits == 8:
+            raise ValueError("a QUOTA recipe is exported with fp32, fp16, w4a16 or w4a8 LLMs (W8A8's ONNX Runtime "
+                             "calibration of the pruning graphs is not supported)")
 
     @property
     def needs_calibration(self) -> bool:
@@ -163,14 +167,15 @@ def vision_feeds(llava, pairs, semantic: str | None) -> list[dict[str, np.ndarra
 
 
 def llm_feeds(llava, pairs, keep: int, scoring: Scoring, positions: str,
-              vision_graph: str | Path | None = None) -> list[dict[str, np.ndarray]]:
+              vision_graph: str | Path | None = None, recipe: bool = False) -> list[dict[str, np.ndarray]]:
     """Prefill feeds for llm.onnx (empty past), one pair each. With `vision_graph`, the kept tokens come from
     that exported vision.onnx run in ONNX Runtime (the deployed operators: an INT8 vision graph calibrates
-    the LLM on the tokens it really produces); otherwise from the float torch reference at `keep`."""
+    the LLM on the tokens it really produces); otherwise from the float torch reference at `keep`. With
+    `recipe`, feeds for a QUOTA artifact's llm_prefill.onnx: visual_mask instead of the past."""
     from export.llm import io_names, kv_shape
     from qapruner.pipeline import encode_inputs, prefill_inputs
     from runtime.backends import OrtBackend
-    from runtime.generate import splice
+    from runtime.generate import splice, visual_mask
 
     n = llava.model.config.text_config.num_hidden_layers
     hkv, dh = kv_shape(llava)
@@ -186,12 +191,18 @@ def llm_feeds(llava, pairs, keep: int, scoring: Scoring, positions: str,
                 e, m, p = splice(b["input_ids"].numpy(), b["attention_mask"].numpy(), v["tokens"], v["indices"],
                                  table, llava.image_token_id, positions)
                 feed = {"inputs_embeds": e, "attention_mask": m, "position_ids": p}
+                indices = v["indices"]
             else:
+                b = encode_inputs(llava, [image], [prompt])
                 p = prefill_inputs(llava, [image], [prompt], keep=keep, scoring=scoring, positions=positions)
                 feed = {"inputs_embeds": p.inputs_embeds.float().numpy(), "attention_mask": p.attention_mask.numpy(),
                         "position_ids": p.position_ids.numpy()}
-            for name in names[3:]:
-                feed[name] = np.zeros((1, hkv, 0, dh), np.float32)
+                indices = p.indices.numpy()
+            if recipe:
+                feed["visual_mask"] = visual_mask(b["input_ids"].numpy(), indices, llava.image_token_id)
+            else:
+                for name in names[3:]:
+                    feed[name] = np.zeros((1, hkv, 0, dh), np.float32)
             feeds.append(feed)
     return feeds
 
@@ -212,12 +223,21 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     llava = load(model_dir)
     n = llava.num_image_tokens
+    recipe = None
+    if options.recipe is not None:
+        from qapruner.quota import Recipe
+
+        recipe = Recipe.load(options.recipe, llava)
     if options.keep is not None and options.keep > vision_graph.TRT_MAX_TOPK:
         raise ValueError(f"K = {options.keep} exceeds TensorRT's TopK limit of {vision_graph.TRT_MAX_TOPK}")
     k = resolve_k(n, options.keep, options.retention)
     if k > vision_graph.TRT_MAX_TOPK:
         raise ValueError(f"K = {k} exceeds TensorRT's TopK limit of {vision_graph.TRT_MAX_TOPK}")
     dim = llava.model.config.text_config.hidden_size
+    if recipe is not None and recipe.v0 != k:
+        raise ValueError(f"the recipe schedules V0 = {recipe.v0} visual tokens entering the LLM (pre-LLM retention "
+                         f"{recipe.pre_retention:g}), the vision graph would keep K = {k}: export with --keep "
+                         f"{recipe.v0} (or omit --keep / --retention)")
     if dim % options.scoring.group_size:
         raise ValueError(f"group size {options.scoring.group_size} does not divide the projected dimension {dim}")
     pairs, calib_sha = [], None
@@ -247,9 +267,18 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
         elif options.vision.fp16:
             fp16.vision_fp16(vpath)
         log(f"vision.onnx: K = {k} of N = {n}, {options.vision.name}")
-        # llm.onnx
+        # llm.onnx (+ llm_prefill.onnx with a recipe)
         lpath = tmp / "llm.onnx"
+        llm_paths = [lpath] if recipe is None else [tmp / "llm_prefill.onnx", lpath]
         llm_info: dict = {}
+
+        def export_llm(model):
+            if recipe is None:
+                llm_graph.export_llm(model, lpath, opset=opsets["llm"])
+            else:
+                from export.quota import export_recipe_llm
+
+                export_recipe_llm(model, recipe, tmp, opset=opsets["llm"])
         if options.llm.weight_bits == 4:
             scheme = ptq.Scheme(w_bits=4, w_group_size=options.llm.block_size, w_method=options.llm.w_method)
             calib = None
@@ -258,14 +287,15 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
                                    scoring=options.scoring, positions=options.positions)
             quantized = ptq.apply(llava, scheme, calib)
             codes = llm_graph.weight_codes(quantized)
-            llm_graph.export_llm(quantized, lpath, opset=opsets["llm"])
+            export_llm(quantized)
             import onnx
 
-            model, done = llm_graph.int4_weights(onnx.load(str(lpath)), codes)
-            onnx.save(model, str(lpath))
+            for path in llm_paths:
+                model, done = llm_graph.int4_weights(onnx.load(str(path)), codes)
+                onnx.save(model, str(path))
             llm_info = {"int4_linears": len(done), "scheme": scheme.describe()}
         else:
-            llm_graph.export_llm(llava, lpath, opset=opsets["llm"])
+            export_llm(llava)
             if options.llm.weight_bits == 8:
                 # pruned: the K tokens the exported vision graph keeps; full: all N from the float reference
                 feeds = llm_feeds(llava, pairs, k if options.calibrate_pruned else n, options.scoring,
@@ -276,7 +306,11 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
                 llm_info = {"int8_nodes": len(qdq.quantize_int8(fp, lpath, feeds, exclude=[head]))}
                 fp.unlink()
             elif options.llm.fp16:
-                fp16.llm_fp16(lpath)
+                for path in llm_paths:
+                    fp16.llm_fp16(path)
+        if recipe is not None:
+            recipe.save(tmp / "recipe.json")
+            llm_info["recipe"] = _recipe_summary(recipe, tmp / "recipe.json")
         log(f"llm.onnx: {options.llm.name}")
         np.save(tmp / "embed_tokens.npy", llm_graph.embedding_table(llava), allow_pickle=False)
         llava.processor.save_pretrained(tmp)
@@ -284,8 +318,10 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
         key = {f: manifest[f] for f in ("format", "num_image_tokens", "keep", "alpha", "group_size", "bits",
                                         "semantic", "source_sha256")}
         set_metadata(vpath, {**key, "graph": "vision", "precision": options.vision.name, "opset": opsets["vision"]})
-        set_metadata(lpath, {**key, "graph": "llm", "precision": options.llm.name, "opset": opsets["llm"],
-                             "session_options": options.llm.session_options()})
+        for path in llm_paths:
+            set_metadata(path, {**key, "graph": path.stem, "precision": options.llm.name, "opset": opsets["llm"],
+                                "session_options": options.llm.session_options(),
+                                **({"recipe": llm_info["recipe"]} if recipe is not None else {})})
         manifest["build_seconds"] = round(time.time() - t0, 1)
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -301,6 +337,16 @@ def build(model_dir: str | Path, out: str | Path, options: Options, *, force: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _recipe_summary(recipe, path: Path) -> dict:
+    """What the manifest says of a baked QUOTA recipe (the whole recipe is the artifact's recipe.json)."""
+    from export.quota import PREFILL_INPUTS
+
+    return {"file": path.name, "sha256": sha256_file(path), "format": recipe.format, "v0": recipe.v0,
+            "layers": list(recipe.layers), "keeps": list(recipe.keeps), "budget": recipe.budget,
+            "achieved": recipe.achieved, "calibrated_scheme": recipe.scheme.get("name"), "kv_bits": recipe.kv_bits,
+            "weights": recipe.weights, "prefill_graph": "llm_prefill.onnx", "prefill_inputs": PREFILL_INPUTS}
 
 
 def _manifest(llava, model_dir, options: Options, k: int, calib_sha, n_pairs, vision_nodes, llm_info) -> dict:

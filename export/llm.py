@@ -26,17 +26,20 @@ from qapruner.model import Llava
 INT4_BLOCKS = (32, 64, 128)  # block sizes TensorRT and MatMulNBits both take
 
 
+def decoder_parts(llava: Llava):
+    """(language model, LM head, text config) of an exportable LLaVA: rotated models are refused."""
+    if llava.rotation is not None:
+        raise ValueError("export of rotated (QuaRot) models is not supported: export an unrotated scheme")
+    return llava.model.model.language_model, llava.model.lm_head, llava.model.config.text_config
+
+
 class Decoder(nn.Module):
     """Flat-tensor wrapper of the LLaVA decoder for tracing: the cache is rebuilt from the past tensors and
     handed to the unmodified transformers model."""
 
     def __init__(self, llava: Llava):
         super().__init__()
-        if llava.rotation is not None:
-            raise ValueError("export of rotated (QuaRot) models is not supported: export an unrotated scheme")
-        self.lm = llava.model.model.language_model
-        self.head = llava.model.lm_head
-        self.config = llava.model.config.text_config
+        self.lm, self.head, self.config = decoder_parts(llava)
         self.layers = self.config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):

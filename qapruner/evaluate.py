@@ -5,6 +5,9 @@ A method is "<scheme>-<variant>": scheme ∈ ptq.PRESETS (fp, w4a4, w4a8, w8a8, 
   semantic  semantic pruning only (α = 1): the naive integration
   qapruner  the hybrid score (α from --alpha)
   error     hybrid with the quantization-error term alone; range: the range term alone
+  quota     QUOTA (qapruner.quota): a layer-wise schedule calibrated under the scheme, the retention being the
+            average fraction of visual tokens per decoder layer; QAPruner cuts before the LLM only as far as
+            the decoder's depth requires (quota.pre_retention_for); KV cache in float
 "fp" is fp-dense. W4A4 is simulated (no engine runs INT4 activations); the table says so.
 
 Cells (method, retention, semantic, act, calib_seed) are cached in --out as they finish, so an interrupted
@@ -28,7 +31,7 @@ from qapruner.pipeline import answer, calibrator
 from qapruner.pruning import resolve_k
 from qapruner.scoring import Scoring
 
-VARIANTS = ("dense", "semantic", "qapruner", "error", "range")
+VARIANTS = ("dense", "semantic", "qapruner", "error", "range", "quota")
 DEFAULT_METHODS = ("fp", "fp-semantic", "w4a4-dense", "w4a4-semantic", "w4a4-qapruner", "w4a4-error",
                    "w4a4-range")
 DEFAULT_RETENTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
@@ -50,7 +53,8 @@ def scoring_for(variant: str, semantic: str, alpha: float, group_size: int) -> S
             "semantic": Scoring(semantic, 1.0, group_size),
             "qapruner": Scoring(semantic, alpha, group_size),
             "error": Scoring(semantic, alpha, group_size, sq_mode="error"),
-            "range": Scoring(semantic, alpha, group_size, sq_mode="range")}[variant]
+            "range": Scoring(semantic, alpha, group_size, sq_mode="range"),
+            "quota": Scoring(semantic, alpha, group_size)}[variant]
 
 
 def scheme_for(name: str, act: str, weights: str, rotate: bool) -> ptq.Scheme:
@@ -129,6 +133,13 @@ def run(llava: Llava, grid: list[dict], *, split: str, questions: int, seed: int
         scheme_name, variant = parse_method(c["method"])
         scoring = scoring_for(variant, c["semantic"], c["alpha"], group)
         scheme = scheme_for(scheme_name, c["act"] or "dynamic", weights, rotate)
+        if variant == "quota":
+            quantized.clear()
+            acc, extra = _quota_cell(llava, scheme, c, items, scoring)
+            records.append({**c, **extra, "accuracy": acc, "n": len(items), "scheme": scheme.describe(),
+                            "split": split, "seed": seed})
+            _write_atomic(out, json.dumps(records, indent=1))
+            continue
         # calibration runs on the pruned token set of the cell's K, with the cell's scoring
         calib_key = (scheme, c["calib_seed"], c["retention"] if scheme.needs_calibration else None,
                      scoring if scheme.needs_calibration else None)
@@ -142,6 +153,19 @@ def run(llava: Llava, grid: list[dict], *, split: str, questions: int, seed: int
                         "scheme": scheme.describe(), "split": split, "seed": seed})
         _write_atomic(out, json.dumps(records, indent=1))
     return records
+
+
+def _quota_cell(llava: Llava, scheme: ptq.Scheme, c: dict, items, scoring: Scoring) -> tuple[float, dict]:
+    """One QUOTA cell: the cell's retention is the average budget per decoder layer."""
+    from qapruner import quota
+
+    layers = llava.model.config.text_config.num_hidden_layers
+    pre = quota.pre_retention_for(c["retention"], layers)
+    res = quota.evaluate(llava, scheme, budget=c["retention"], pre_retention=pre, items=items,
+                         calib_pairs=calibration_pairs(c["calib_seed"] or 0), methods=("quota",), scoring=scoring)
+    r = res["quota"]
+    return r["accuracy"], {"keep": resolve_k(llava.num_image_tokens, retention=pre), "pre_retention": pre,
+                           "processed": r["processed"], "layers": r["layers"], "keeps": r["keeps"]}
 
 
 def table(records: list[dict]) -> str:

@@ -15,7 +15,8 @@ attention): magnitude ||v||₂, text→visual attention, visual→visual attenti
 weights shared across layers; the top K_l visual tokens stay (text tokens are never dropped).
 
 Execution runs the decoder's own layers in a loop of ours (no patched transformers classes): hidden states,
-position ids, the attention mask and the KV cache of the layers from l on shrink with the kept set.
+position ids, the attention mask and the KV cache of the layers from l on shrink with the kept set. The same
+token scoring (`token_features`, `combine`, `keep_top`) is traced into the exported LLM by export/quota.py.
 """
 from __future__ import annotations
 
@@ -110,6 +111,18 @@ def fit_schedule(sensitivity: Sequence[float], layers: Sequence[int], num_layers
     return best[1]
 
 
+def pre_retention_for(budget: float, num_layers: int, tail: float = 0.25, first: int = 2) -> float:
+    """QAPruner's pre-LLM retention V₀/N when a decoder is too shallow for in-LLM pruning alone to meet the
+    budget: layers before the first candidate (`first`) see V₀, the rest about `tail`·V₀, so
+    V₀/N = min(1, budget·L / (first + (L − first)·tail)). Deep decoders get 1 (no pre-LLM cut) when it fits."""
+    if num_layers <= first:
+        raise ValueError(f"a {num_layers}-layer decoder has no layer to prune at (QUOTA never prunes the first "
+                         f"{first})")
+    if not 0 < budget <= 1 or not 0 < tail <= 1:
+        raise ValueError(f"budget and tail must be in (0, 1], got {budget!r} and {tail!r}")
+    return round(min(1.0, budget * num_layers / (first + (num_layers - first) * tail)), 6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -199,31 +212,47 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------------------
 # Token features and the layer loop
 
-def token_features(h: torch.Tensor, attn: torch.Tensor | None, visual: torch.Tensor, text: torch.Tensor,
-                   group_size: int = 128, bits: int = 4) -> dict[str, torch.Tensor]:
-    """Per visual token of each row (in sequence order): h [B, T, D] the layer's input, attn [B, H, T, T] the
-    previous layer's attention probabilities over the same positions, visual / text [B, T] bool masks.
-    Returns each feature as [B, V] (V visual tokens per row, the same count in every row)."""
-    B, T, D = h.shape
+def visual_positions(visual: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool -> [B, V] positions of the visual tokens of each row (the same count in every row)."""
+    B = visual.shape[0]
     v = visual.sum(1)
     if (v != v[0]).any():
         raise ValueError("every row must hold the same number of visual tokens")
-    V = int(v[0])
-    idx = visual.nonzero()[:, 1].view(B, V)                     # [B, V] positions of the visual tokens
-    hv = torch.gather(h.float(), 1, idx[..., None].expand(-1, -1, D))
+    return visual.nonzero()[:, 1].view(B, int(v[0]))
+
+
+def token_features(h: torch.Tensor, attn: torch.Tensor | None, idx: torch.Tensor, text: torch.Tensor,
+                   group_size: int = 128, bits: int = 4) -> dict[str, torch.Tensor]:
+    """Per visual token of each row: h [B, T, D] the layer's input, attn [B, H, T, T] the previous layer's
+    attention probabilities over the same positions, idx [B, V] the visual positions (ascending), text [B, T]
+    bool mask of the text tokens. Returns each feature as [B, V]. Traceable (the exported LLM runs it)."""
+    B, T, D = h.shape
+    V = idx.shape[1]
+    hv = torch.gather(h.float(), 1, idx[..., None].expand(-1, -1, D))            # [B, V, D]
     g = group_size if D % group_size == 0 else D
     feats = {"magnitude": hv.norm(dim=-1),
              "residual": (fake_quantize(hv, bits, granularity="group", group_size=g) - hv).norm(dim=-1)}
     if attn is None:
-        feats["text_attention"] = torch.zeros(B, V)
-        feats["visual_attention"] = torch.zeros(B, V)
+        feats["text_attention"] = hv.new_zeros(B, V)
+        feats["visual_attention"] = hv.new_zeros(B, V)
     else:
         a = attn.float().mean(1)                                 # [B, T(query), T(key)]
         cols = torch.gather(a, 2, idx[:, None, :].expand(-1, T, -1))  # [B, T, V] attention to visual keys
+        visual = torch.zeros(B, T, dtype=torch.bool, device=h.device).scatter(1, idx, True)
         tq, vq = text.float()[..., None], visual.float()[..., None]
         feats["text_attention"] = (cols * tq).sum(1) / tq.sum(1).clamp(min=1)
         feats["visual_attention"] = (cols * vq).sum(1) / vq.sum(1).clamp(min=1)
     return feats
+
+
+def keep_top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best of each row of score [B, V] as ascending indices [B, k]; equal scores go to the lower
+    index (ONNX TopK's rule, so the exported graph keeps the same set)."""
+    if torch.compiler.is_exporting():  # ONNX TopK breaks ties by the lower index (no stable sort in ONNX)
+        order = torch.topk(score, k, dim=1).indices
+    else:
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values
 
 
 def combine(feats: dict[str, torch.Tensor], percentiles: dict, weights: dict) -> torch.Tensor:
@@ -283,14 +312,12 @@ def prefill(llava: Llava, recipe: Recipe | None, embeds: torch.Tensor, mask: tor
         if trace:
             records.append({"h": h, "attn": attn, "visual": visual.clone(), "text": text})
         if k is not None and k < int(visual.sum(1)[0]):
+            vpos = visual_positions(visual)                                                 # [B, V]
             feats = token_features(h @ llava.rotation.T.to(h.dtype) if llava.rotation is not None else h,
-                                   attn, visual, text)
+                                   attn, vpos, text)
             score = combine(feats, recipe.percentiles.get(str(i), {}), recipe.weights)       # [B, V]
-            B, T = visual.shape
-            V = score.shape[1]
-            vpos = visual.nonzero()[:, 1].view(B, V)
-            top = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values              # [B, k]
-            kept[i] = torch.gather(vpos, 1, top)                                            # positions
+            B = visual.shape[0]
+            kept[i] = torch.gather(vpos, 1, keep_top(score, k))                             # positions
             keep = ~visual
             keep[torch.arange(B)[:, None], kept[i]] = True
             Tk = int(keep.sum(1)[0])
@@ -330,14 +357,16 @@ def generate(llava: Llava, recipe: Recipe | None, p, visual: torch.Tensor, max_n
 # Inputs and calibration
 
 @torch.no_grad()
-def prepare(llava: Llava, images, prompts, *, pre_retention: float = 1.0, scoring=None):
+def prepare(llava: Llava, images, prompts, *, pre_retention: float = 1.0, scoring=None, keep: int | None = None,
+            positions: str = "original"):
     """The LLM input for QUOTA: `qapruner.pipeline.prefill_inputs` (QAPruner's pre-LLM pruning to
-    V₀ = ceil(pre_retention·N), or none at 1.0) and the mask of visual positions [B, T'] in it."""
+    V₀ = ceil(pre_retention·N) — or `keep` — or none at 1.0) and the mask of visual positions [B, T'] in it."""
     from qapruner.pipeline import encode_inputs, prefill_inputs
     from qapruner.scoring import Scoring
 
     scoring = scoring or Scoring()
-    p = prefill_inputs(llava, images, prompts, retention=pre_retention, scoring=scoring)
+    size = {"keep": keep} if keep is not None else {"retention": pre_retention}
+    p = prefill_inputs(llava, images, prompts, scoring=scoring, positions=positions, **size)
     ids = encode_inputs(llava, images, prompts)["input_ids"]
     is_img = ids == llava.image_token_id
     B, N = ids.shape[0], llava.num_image_tokens
@@ -364,7 +393,7 @@ def _layer_stats(float_rec: list, quant_rec: list, eps: float = 1e-12) -> list[d
         if q["attn"] is None:
             conc = float("nan")
         else:
-            feats = token_features(q["h"], q["attn"], q["visual"], q["text"])
+            feats = token_features(q["h"], q["attn"], visual_positions(q["visual"]), q["text"])
             top = torch.topk(feats["text_attention"][0], min(10, feats["text_attention"].shape[1])).values
             conc = float(top.median())
         out.append({"sensitivity": sens, "concentration": conc, "redundancy": red})
@@ -388,7 +417,7 @@ def candidate_layers(stats: dict, num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, pre_retention: float = 1.0,
-              weights: dict | None = None, log=lambda m: None) -> Recipe:
+              weights: dict | None = None, scoring=None, log=lambda m: None) -> Recipe:
     """QUOTA's offline calibration: quantize `llava` under `scheme` (KV cache included), run the calibration
     pairs through the float and the quantized decoder, derive candidate layers, sensitivities, the schedule
     for `budget` and the token-feature percentiles, and return the recipe."""
@@ -400,13 +429,14 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
         raise ValueError("QUOTA calibration needs at least one (image, prompt) pair")
     n = llava.num_image_tokens
     v0 = max(1, math.ceil(pre_retention * n - 1e-9))
-    calib = calibrator(pairs, retention=pre_retention) if scheme.needs_calibration else None
+    calib = calibrator(pairs, retention=pre_retention, **({"scoring": scoring} if scoring else {})) \
+        if scheme.needs_calibration else None
     quantized = ptq.apply(llava, scheme, calib)
     num_layers = llava.model.config.text_config.num_hidden_layers
     per_sample = []
     inputs = []
     for image, prompt in pairs:
-        p, visual = prepare(llava, [image], [prompt], pre_retention=pre_retention)
+        p, visual = prepare(llava, [image], [prompt], pre_retention=pre_retention, scoring=scoring)
         inputs.append((p, visual))
         _, _, f = prefill(llava, None, p.inputs_embeds, p.attention_mask, p.position_ids, visual, trace=True)
         _, _, q = prefill(quantized, None, p.inputs_embeds, p.attention_mask, p.position_ids, visual, trace=True)
@@ -420,6 +450,13 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
             np.isnan(c)) else float("nan"), "concentration_iqr": float(np.subtract(*np.nanpercentile(c, [75, 25])))
             if not all(np.isnan(c)) else float("nan"), "redundancy": float(np.median(r))}
     layers = candidate_layers(stats, num_layers)
+    chosen = list(layers)
+    # a range that starts too late cannot meet the budget however hard it prunes: move it earlier (never
+    # before layer 2) until it can
+    while layers[0] > 2 and processed_fraction([1] * len(layers), layers, num_layers, v0, n) > budget + 1 / n:
+        layers = [l - 1 for l in layers]
+    if layers != chosen:
+        log(f"QUOTA: candidate layers {chosen} cannot meet budget {budget:g}; moved to {layers}")
     fit = fit_schedule([stats[l]["sensitivity"] for l in layers], layers, num_layers, v0, n, budget)
     # feature percentiles at each candidate layer, on the quantized forward with the schedule applied so far
     draft = Recipe(model_sha256=model_sha256(llava.source) if Path(str(llava.source)).is_dir() else "",
@@ -440,7 +477,7 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
                 "percentiles": percentiles})
             _, _, rec = prefill(quantized, use, p.inputs_embeds, p.attention_mask, p.position_ids, visual, trace=True)
             r = rec[l]
-            feats = token_features(r["h"], r["attn"], r["visual"], r["text"])
+            feats = token_features(r["h"], r["attn"], visual_positions(r["visual"]), r["text"])
             for f in FEATURES:
                 values[f].append(feats[f].flatten())
         percentiles[str(l)] = {f: [float(torch.quantile(torch.cat(v), 0.05)), float(torch.quantile(torch.cat(v), 0.95))]
@@ -448,7 +485,8 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
     log(f"QUOTA: layers {layers}, keeps {list(fit['keeps'])} of V0 = {v0}, tau {fit['tau']:g}, "
         f"p_min {fit['p_min']:.3f}, processed {draft.achieved:.3f} (budget {budget:g})")
     return Recipe(**{**asdict(draft), "percentiles": percentiles,
-                     "calibration": {"pairs": len(pairs), "pre_retention": pre_retention}})
+                     "calibration": {"pairs": len(pairs), "pre_retention": pre_retention,
+                                     "candidate_layers_from_statistics": chosen}})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,24 +534,27 @@ def accuracy(llava: Llava, recipe: Recipe | None, items, *, retention: float, sc
 
 
 def evaluate(llava: Llava, scheme: ptq.Scheme, *, budget: float, pre_retention: float, items, calib_pairs,
-             methods=BASELINES) -> dict[str, dict]:
+             methods=BASELINES, scoring=None) -> dict[str, dict]:
     """Accuracy of QUOTA and the stage-wise baselines at the same average budget under `scheme`:
     quota (QAPruner to V0, then the calibrated schedule), fastv (QAPruner to V0, then one text-attention cut at
     layer 2), visionzip (CLS-attention pruning to the budget before the LLM), qapruner (QAPruner's score to
     the budget before the LLM). Static scales / GPTQ are calibrated on the calibration pairs pruned as each
-    method runs them."""
+    method runs them. `scoring` is QAPruner's pre-LLM score (default `Scoring()`)."""
     from qapruner.pipeline import calibrator
     from qapruner.scoring import Scoring
+
+    hybrid = scoring or Scoring()
 
     out = {}
     for m in methods:
         if m in ("quota", "fastv"):
-            recipe = calibrate(llava, scheme, calib_pairs, budget=budget, pre_retention=pre_retention) \
+            recipe = calibrate(llava, scheme, calib_pairs, budget=budget, pre_retention=pre_retention, scoring=hybrid) \
                 if m == "quota" else fastv_recipe(llava, budget, pre_retention)
-            retention, scoring = pre_retention, Scoring()
+            retention, scoring = pre_retention, hybrid
         else:
             recipe, retention = None, budget
-            scoring = Scoring(semantic="cls", alpha=1.0) if m == "visionzip" else Scoring()
+            scoring = Scoring(semantic="cls", alpha=1.0, group_size=hybrid.group_size) if m == "visionzip" \
+                else hybrid
         calib = calibrator(calib_pairs, retention=retention, scoring=scoring) if scheme.needs_calibration else None
         q = ptq.apply(llava, scheme, calib)
         out[m] = {"accuracy": accuracy(q, recipe, items, retention=retention, scoring=scoring),
@@ -537,7 +578,8 @@ def _main(argv=None) -> int:
     c.add_argument("--kv-bits", type=int, choices=[4, 8], default=None)
     c.add_argument("--weights", default="gptq", choices=["gptq", "rtn"])
     c.add_argument("--budget", type=float, default=0.30, help="average fraction of visual tokens per layer")
-    c.add_argument("--pre", type=float, default=1.0, help="QAPruner pre-LLM retention (V0 = ceil(pre·N))")
+    c.add_argument("--pre", type=_pre, default=1.0, help="QAPruner pre-LLM retention (V0 = ceil(pre·N)), or auto: only "
+                   "as much as the decoder's depth needs for the budget (quota.pre_retention_for)")
     c.add_argument("--calibration", default=None, help="calibration folder (default: 16 DigitsVQA train pairs)")
     c.add_argument("--calib-limit", type=int, default=16)
     c.add_argument("--out", required=True)
@@ -549,7 +591,7 @@ def _main(argv=None) -> int:
     e.add_argument("--weights", default="gptq", choices=["gptq", "rtn"])
     e.add_argument("--kv-bits", type=int, nargs="+", default=[4, 8])
     e.add_argument("--budget", type=float, default=0.30)
-    e.add_argument("--pre", type=float, default=1.0)
+    e.add_argument("--pre", type=_pre, default="auto", help="pre-LLM retention for quota and fastv, or auto")
     e.add_argument("--questions", type=int, default=200)
     e.add_argument("--calib-seeds", type=int, default=3)
     e.add_argument("--out", required=True, help="results JSON (a Markdown table is written beside it)")
@@ -578,16 +620,52 @@ def _main(argv=None) -> int:
             from qapruner.evaluate import calibration_pairs
 
             pairs = calibration_pairs(0)[: args.calib_limit]
+        args.pre = _resolve_pre(args.pre, args.budget, llava)
         recipe = calibrate(llava, scheme, pairs, budget=args.budget, pre_retention=args.pre,
                            log=lambda m: print(m, file=sys.stderr))
+        if args.calibration:
+            from export.calibration import dataset_sha256
+
+            calib_sha = dataset_sha256(args.calibration)
+        else:
+            calib_sha = pairs_sha256(pairs)
         recipe = Recipe(**{**asdict(recipe), "calibration": {**recipe.calibration, "source": args.calibration
-                                                             or "DigitsVQA train, seed 0"}})
+                                                             or "DigitsVQA train, seed 0", "sha256": calib_sha}})
         recipe.save(args.out)
         print(f"wrote {args.out}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def pairs_sha256(pairs) -> str:
+    """sha256 over the calibration pairs' RGB pixels, sizes and prompts, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for image, prompt in pairs:
+        a = np.asarray(image.convert("RGB"))
+        h.update(f"{a.shape}".encode())
+        h.update(a.tobytes())
+        h.update(prompt.encode())
+    return h.hexdigest()
+
+
+def _pre(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--pre must be a retention in (0, 1] or auto, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"--pre must be in (0, 1], got {value:g}")
+    return value
+
+
+def _resolve_pre(pre, budget: float, llava: Llava) -> float:
+    return pre_retention_for(budget, llava.model.config.text_config.num_hidden_layers) if pre == "auto" else pre
 
 
 def _evaluate_cli(args) -> int:
@@ -601,6 +679,7 @@ def _evaluate_cli(args) -> int:
     from qapruner.scoring import Scoring
 
     llava = load(args.model)
+    args.pre = _resolve_pre(args.pre, args.budget, llava)
     items = data.questions("test", args.questions, seed=0)
     fp = dense_accuracy(llava, items, retention=1.0, scoring=Scoring())
     rows = []
@@ -622,11 +701,11 @@ def _evaluate_cli(args) -> int:
     os.replace(tmp, out)
     lines = [f"# QUOTA vs stage-wise pruning at an average budget of {args.budget:g}", "",
              f"`python -m qapruner.quota evaluate --model {args.model} --scheme {args.scheme} --weights {args.weights} "
-             f"--budget {args.budget:g} --pre {args.pre:g} --questions {args.questions} --calib-seeds "
+             f"--budget {args.budget:g} --pre {args.pre:.4g} --questions {args.questions} --calib-seeds "
              f"{args.calib_seeds} --kv-bits {' '.join(map(str, args.kv_bits))}`. {args.scheme.upper()} *simulated* "
              f"({args.weights} weights), KV cache quantized as shown; accuracy on {args.questions} DigitsVQA test "
              f"questions, mean ± std over calibration seeds; retention = % of the float model with all tokens "
-             f"({100 * fp:.1f}%). quota and fastv prune to V0 = {args.pre:g}·N with QAPruner before the LLM, then "
+             f"({100 * fp:.1f}%). quota and fastv prune to V0 = {args.pre:.4g}·N with QAPruner before the LLM, then "
              "inside it; visionzip and qapruner prune to the budget before the LLM.", "",
              "| method | KV bits | processed | accuracy | retention |", "|---|---|---|---|---|"]
     for kv in args.kv_bits:

@@ -37,6 +37,12 @@ class Artifact:
     processor_config: dict
     backend: str
     reason: str
+    llm_prefill: object | None = None  # a QUOTA artifact's prefill graph (in-LLM token dropping)
+
+
+def graphs(manifest: dict) -> tuple[str, ...]:
+    """The graphs of an artifact: vision and llm, and llm_prefill where a QUOTA recipe is baked in."""
+    return ("vision", "llm") + (("llm_prefill",) if manifest["llm"].get("recipe") else ())
 
 
 def _fail(msg: str):
@@ -59,6 +65,9 @@ def check(root: str | Path) -> dict:
     if manifest.get("format") != ARTIFACT_FORMAT:
         _fail(f"{root} was written by an incompatible exporter (format {manifest.get('format')!r}, this runtime "
               f"reads {ARTIFACT_FORMAT!r}): re-export it")
+    missing = [f"{g}.onnx" for g in graphs(manifest) if not (root / f"{g}.onnx").is_file()]
+    if missing:
+        _fail(f"{root} is incomplete: missing {', '.join(missing)} (re-export it with python -m export)")
     return manifest
 
 
@@ -100,20 +109,23 @@ def open_artifact(root: str | Path, backend: str = "auto", threads: int | None =
             _fail(f"{root}: plans built by TensorRT {info['tensorrt']}, this is {trt.__version__}: rebuild "
                   "with make engines")
         vision, llm = (TrtBackend(root / info["files"][g]["file"]) for g in ("vision", "llm"))
+        prefill = TrtBackend(root / info["files"]["llm_prefill"]["file"]) if "llm_prefill" in graphs(manifest) \
+            else None
         chosen, reason = "tensorrt", f"TensorRT {trt.__version__} plans ({info.get('gpu', 'GPU')})"
     else:
         config = manifest["llm"]["session_options"]
         if info is not None and info["backend"] == "onnxruntime":
-            files = {g: root / info["files"][g]["file"] for g in ("vision", "llm")}
+            files = {g: root / info["files"][g]["file"] for g in graphs(manifest)}
             reason = f"ONNX Runtime CPU models optimised by make engines ({info['graph_optimization_level']})"
         else:
-            files = {g: root / f"{g}.onnx" for g in ("vision", "llm")}
+            files = {g: root / f"{g}.onnx" for g in graphs(manifest)}
             reason = "ONNX Runtime on the exported graphs (make engines has not been run)"
         # the vision session runs once per request: its idle threads must not spin while the LLM runs (they
         # compete with the LLM's threads for the cores; on this 2-core CPU that slowed prefill markedly)
         vision = OrtBackend(files["vision"], {"session.intra_op.allow_spinning": "0"}, threads=threads)
         llm = OrtBackend(files["llm"], config, threads=threads)
+        prefill = OrtBackend(files["llm_prefill"], config, threads=threads) if "llm_prefill" in files else None
         chosen = "onnxruntime"
     table = np.load(root / "embed_tokens.npy", allow_pickle=False)
     processor_config = json.loads((root / "processor_config.json").read_text())
-    return Artifact(root, manifest, vision, llm, table, processor_config, chosen, reason)
+    return Artifact(root, manifest, vision, llm, table, processor_config, chosen, reason, prefill)

@@ -20,20 +20,26 @@ def text_embedding(input_ids: np.ndarray, attention_mask: np.ndarray, table: np.
     return (emb.sum(1) / np.maximum(text.sum(1, keepdims=True), 1)).astype(np.float32)
 
 
+def _kept(input_ids: np.ndarray, indices: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is_img, keep) [B, T]: the image placeholders, and the positions that stay (text + kept placeholders)."""
+    is_img = input_ids == image_token_id
+    n = int(is_img.sum(1).max())
+    if (is_img.sum(1) != n).any():
+        raise ValueError("every prompt must hold the same number of image placeholders")
+    ordinal = np.clip(np.cumsum(is_img, 1) - 1, 0, None)           # which visual token a position holds
+    kept = np.zeros((input_ids.shape[0], n), bool)
+    np.put_along_axis(kept, indices, True, 1)
+    return is_img, ~is_img | (is_img & np.take_along_axis(kept, ordinal, 1))
+
+
 def splice(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: np.ndarray, indices: np.ndarray,
            table: np.ndarray, image_token_id: int, positions: str = "original"):
     """input_ids, attention_mask [B, T] (left padded, N placeholders per row), tokens [B, K, D] kept in
     ascending order, indices [B, K] -> inputs_embeds [B, T-N+K, D], attention_mask, position_ids [B, T-N+K]."""
     B, T = input_ids.shape
     K = tokens.shape[1]
-    is_img = input_ids == image_token_id
+    is_img, keep = _kept(input_ids, indices, image_token_id)
     n = int(is_img.sum(1).max())
-    if (is_img.sum(1) != n).any():
-        raise ValueError("every prompt must hold the same number of image placeholders")
-    ordinal = np.clip(np.cumsum(is_img, 1) - 1, 0, None)           # which visual token a position holds
-    kept = np.zeros((B, n), bool)
-    np.put_along_axis(kept, indices, True, 1)
-    keep = ~is_img | (is_img & np.take_along_axis(kept, ordinal, 1))
     embeds = table[np.where(is_img, 0, input_ids)].astype(np.float32)  # [B, T, D]
     embeds[is_img] = np.zeros(embeds.shape[-1], np.float32)
     # kept visual tokens go to the kept placeholder positions, in order
@@ -50,11 +56,21 @@ def splice(input_ids: np.ndarray, attention_mask: np.ndarray, tokens: np.ndarray
     return embeds[keep].reshape(B, Tk, -1), mask[keep].reshape(B, Tk), pos.astype(np.int64)
 
 
+def visual_mask(input_ids: np.ndarray, indices: np.ndarray, image_token_id: int) -> np.ndarray:
+    """[B, T-N+K] int64: 1 where `splice`'s output holds a visual token (one contiguous block per row), for a
+    QUOTA artifact's prefill graph."""
+    is_img, keep = _kept(input_ids, indices, image_token_id)
+    return is_img[keep].reshape(input_ids.shape[0], -1).astype(np.int64)
+
+
 def greedy(llm: Infer, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
            table: np.ndarray, *, num_layers: int, kv_heads: int, head_dim: int, eos_ids, pad_id: int,
-           max_new_tokens: int = 16, on_step: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+           max_new_tokens: int = 16, on_step: Callable[[np.ndarray], None] | None = None,
+           prefill: Infer | None = None, prefill_feeds: dict | None = None) -> np.ndarray:
     """Greedy decoding: prefill with an empty past, then one token per step with the presents fed back.
-    Returns token ids [B, ≤ max_new_tokens]; rows that ended are padded with `pad_id`."""
+    With `prefill` (a QUOTA artifact's prefill graph, fed `prefill_feeds` too) the first step runs there and
+    each layer's present has its own length. Returns token ids [B, ≤ max_new_tokens]; rows that ended are
+    padded with `pad_id`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     B = inputs_embeds.shape[0]
@@ -65,7 +81,9 @@ def greedy(llm: Infer, inputs_embeds: np.ndarray, attention_mask: np.ndarray, po
     done = np.zeros(B, bool)
     out_tokens = []
     for step in range(max_new_tokens):
-        out = llm({"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask, "position_ids": pos, **past})
+        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask, "position_ids": pos}
+        out = prefill({**feeds, **(prefill_feeds or {})}) if step == 0 and prefill is not None else \
+            llm({**feeds, **past})
         nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)
         nxt = np.where(done, pad_id, nxt)
         out_tokens.append(nxt)

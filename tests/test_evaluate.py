@@ -70,3 +70,23 @@ def test_bad_flags_one_line_errors(tiny_dir, tmp_path, args, match):
     base = ["--model", str(tiny_dir), "--questions", "2", "--out", str(tmp_path / "x.json")]
     r = _run(*base, *args)
     assert r.returncode == 2 and match in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_quota_is_a_method_of_the_grid(tiny_dir, tmp_path):
+    from qapruner.model import save, tiny
+
+    deep = save(tiny(seed=1, text_layers=6), tmp_path / "deep")
+    out = tmp_path / "q.json"
+    r = _run("--model", str(deep), "--questions", "4", "--retention", "0.5", "--methods", "w4a16-quota",
+             "--calib-seeds", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(out.read_text())
+    assert rec["method"] == "w4a16-quota" and 0 <= rec["accuracy"] <= 1
+    assert rec["processed"] <= 0.5 + 1 / 64 and rec["layers"][0] >= 2
+    assert rec["pre_retention"] == pytest.approx(min(1.0, 0.5 * 6 / (2 + 4 * 0.25)))
+    assert "w4a16-quota" in out.with_suffix(".md").read_text()
+    # a 2-layer decoder has no layer QUOTA may prune at (never the first two): a one-line error
+    shallow = _run("--model", str(tiny_dir), "--questions", "2", "--methods", "w4a4-quota",
+                   "--retention", "0.5", "--calib-seeds", "1", "--out", str(tmp_path / "x.json"))
+    assert shallow.returncode == 2 and "no layer to prune" in shallow.stderr, shallow.stderr
+    assert shallow.stderr.strip().count("\n") == 0

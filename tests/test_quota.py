@@ -137,3 +137,15 @@ def test_evaluate_all_methods_at_one_budget(deep, images):
     assert all(0 <= r["accuracy"] <= 1 for r in res.values())
     assert res["visionzip"]["processed"] == res["qapruner"]["processed"] == 0.5
     assert res["quota"]["processed"] <= 0.5 + 1 / 64 and res["fastv"]["processed"] <= 0.5 + 1 / 64
+
+
+def test_pre_retention_only_as_deep_as_needed():
+    assert quota.pre_retention_for(0.30, 3) == pytest.approx(0.4)  # 2 full layers + a quarter at layer 2
+    assert quota.pre_retention_for(0.30, 32) == 1.0  # a deep decoder meets 30% on its own
+    for budget in (0.125, 0.3, 0.5):
+        for layers in (3, 6, 12):
+            pre = quota.pre_retention_for(budget, layers)
+            # with V0 = pre·N and a quarter of V0 from layer 2 on, the budget is met
+            assert (2 * pre + (layers - 2) * 0.25 * pre) / layers <= budget + 1e-6 or pre == 1.0  # 6-decimal rounding
+    with pytest.raises(ValueError):
+        quota.pre_retention_for(0.3, 2)

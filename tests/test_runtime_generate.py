@@ -31,3 +31,16 @@ def test_text_embedding_equals_semantic_mean(llava, images, prompts):
     from qapruner.pipeline import text_embedding as reference
     want = reference(llava, b["input_ids"], b["attention_mask"]).detach().numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_visual_mask_equals_quota_prepare(llava, images, prompts):
+    from qapruner import quota
+    from runtime.generate import visual_mask
+
+    p, visual = quota.prepare(llava, images, prompts, keep=13)
+    b = pipeline.encode_inputs(llava, images, prompts)
+    got = visual_mask(b["input_ids"].numpy(), p.indices.numpy(), llava.image_token_id)
+    np.testing.assert_array_equal(got, visual.numpy().astype(np.int64))
+    assert (got.sum(1) == 13).all()
+    starts = got.argmax(1)  # one contiguous block per row: what the prefill graph assumes
+    assert all(got[i, s:s + 13].all() for i, s in enumerate(starts))
