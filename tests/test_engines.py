@@ -81,3 +81,13 @@ def test_score_select_graph_equals_the_vision_graph(llava, tmp_path):
     np.testing.assert_array_equal(tail["indices"], whole["indices"])
     v = bench.vision_fraction(paths, 112, repeats=2)
     assert v["fraction"] == pytest.approx(v["score_prune_s"] / v["encoder_s"]) and v["score_prune_s"] > 0
+
+
+def test_layer_flops_count_each_layer_at_its_own_length(llava):
+    cfg = bench._cfg(llava)
+    L = cfg["num_layers"]
+    assert bench.layer_flops(cfg, [40] * L) == pytest.approx(bench.llm_flops(cfg, 40))
+    # shrinking the sequence from layer 1 on saves exactly that layer's share
+    one = dict(cfg, num_layers=1)
+    saved = bench.llm_flops(one, 40) - bench.llm_flops(one, 10)
+    assert bench.layer_flops(cfg, [40] + [10] * (L - 1)) == pytest.approx(bench.llm_flops(cfg, 40) - (L - 1) * saved)

@@ -149,3 +149,10 @@ def test_pre_retention_only_as_deep_as_needed():
             assert (2 * pre + (layers - 2) * 0.25 * pre) / layers <= budget + 1e-6 or pre == 1.0  # 6-decimal rounding
     with pytest.raises(ValueError):
         quota.pre_retention_for(0.3, 2)
+
+
+def test_pre_flag_takes_auto_or_a_retention():
+    assert quota._pre("auto") == "auto" and quota._pre("0.4") == 0.4
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(ValueError):
+            quota._pre(bad)
