@@ -185,15 +185,14 @@ def llm_feeds(llava, pairs, keep: int, scoring: Scoring, positions: str,
     feeds = []
     with torch.no_grad():
         for image, prompt in pairs:
+            b = encode_inputs(llava, [image], [prompt])
             if session is not None:
-                b = encode_inputs(llava, [image], [prompt])
                 v = session.infer(_vision_feed(llava, b, scoring.semantic))
                 e, m, p = splice(b["input_ids"].numpy(), b["attention_mask"].numpy(), v["tokens"], v["indices"],
                                  table, llava.image_token_id, positions)
                 feed = {"inputs_embeds": e, "attention_mask": m, "position_ids": p}
                 indices = v["indices"]
             else:
-                b = encode_inputs(llava, [image], [prompt])
                 p = prefill_inputs(llava, [image], [prompt], keep=keep, scoring=scoring, positions=positions)
                 feed = {"inputs_embeds": p.inputs_embeds.float().numpy(), "attention_mask": p.attention_mask.numpy(),
                         "position_ids": p.position_ids.numpy()}

@@ -198,6 +198,13 @@ def _recipe(art: Path, manifest: dict):
     return Recipe.load(path)
 
 
+def _torch_outputs(module, feeds: list[dict], inputs: list[str], outputs: list[str]) -> list[dict]:
+    """`module` run on each feed's `inputs` (in order), as {output name: array}, one dict per feed."""
+    with torch.no_grad():
+        return [dict(zip(outputs, (t.numpy() for t in module(*(torch.from_numpy(f[n]) for n in inputs)))))
+                for f in feeds]
+
+
 def overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row |a ∩ b| / K of two [B, K] index sets."""
     return np.array([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(a, b)])
@@ -268,26 +275,18 @@ def compare(art: str | Path, questions: int = 200, reports: Path | None = None, 
     tol = TOLERANCES[("llm", manifest["llm"]["precision"])]
     config = manifest["llm"]["session_options"]
     if recipe is None:
-        dec = Decoder(ref).eval()
-        with torch.no_grad():
-            lref = [dict(zip(names, (t.numpy() for t in dec(*(torch.from_numpy(f[n]) for n in manifest["llm"]["inputs"])))))
-                    for f in lfeeds]
+        lref = _torch_outputs(Decoder(ref).eval(), lfeeds, manifest["llm"]["inputs"], names)
     else:
         from export.quota import PREFILL_INPUTS, RecipeDecode, RecipePrefill
 
-        pre, dec = RecipePrefill(ref, recipe).eval(), RecipeDecode(ref, recipe).eval()
-        with torch.no_grad():
-            lref = [dict(zip(names, (t.numpy() for t in pre(*(torch.from_numpy(f[n]) for n in PREFILL_INPUTS)))))
-                    for f in lfeeds]
+        lref = _torch_outputs(RecipePrefill(ref, recipe).eval(), lfeeds, PREFILL_INPUTS, names)
         # the decode graph: one step after each torch prefill, over the per-layer (pruned) caches it left
         table = ref.model.get_input_embeddings().weight.detach().float().numpy()
         dfeeds = [{"inputs_embeds": table[r["logits"][:, -1].argmax(-1)][:, None, :],
                    "attention_mask": np.concatenate([f["attention_mask"], np.ones((1, 1), np.int64)], 1),
                    "position_ids": f["position_ids"][:, -1:] + 1,
                    **{"past_key_values." + n[len("present."):]: r[n] for n in names[1:]}} for f, r in zip(lfeeds, lref)]
-        with torch.no_grad():
-            dref = [dict(zip(names, (t.numpy() for t in dec(*(torch.from_numpy(f[n]) for n in manifest["llm"]["inputs"])))))
-                    for f in dfeeds]
+        dref = _torch_outputs(RecipeDecode(ref, recipe).eval(), dfeeds, manifest["llm"]["inputs"], names)
         if manifest["llm"]["precision"] in ("w4a8", "fp16"):
             # the graph's arithmetic is not the reference's (MatMulNBits' INT8 activations; float16 against
             # float32 torch): a near-tie among the scores at a recipe layer may then keep another token, and
@@ -322,10 +321,8 @@ def compare(art: str | Path, questions: int = 200, reports: Path | None = None, 
             want = pipeline.answer(ref, [scene.image], [prompt], keep=k, scoring=scoring,
                                    positions=manifest["positions"]).texts[0]
         else:
-            p, visual = quota.prepare(ref, [scene.image], [prompt], keep=k, scoring=scoring,
-                                      positions=manifest["positions"])
-            ids = quota.generate(ref, recipe, p, visual, max_new_tokens=16)
-            want = ref.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+            want = quota.answer(ref, recipe, [scene.image], [prompt], keep=k, scoring=scoring,
+                                positions=manifest["positions"])[0]
         same += got == want
         correct_onnx += got == q.answer
         correct_torch += want == q.answer

@@ -33,6 +33,19 @@ def decoder_parts(llava: Llava):
     return llava.model.model.language_model, llava.model.lm_head, llava.model.config.text_config
 
 
+def cache_from(config, past) -> DynamicCache:
+    """A transformers cache holding the flat past tensors (key, value per layer, in order)."""
+    cache = DynamicCache(config=config)
+    for i in range(len(past) // 2):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    return cache
+
+
+def presents(cache) -> list:
+    """The cache as flat present tensors (key, value per layer, in order)."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
 class Decoder(nn.Module):
     """Flat-tensor wrapper of the LLaVA decoder for tracing: the cache is rebuilt from the past tensors and
     handed to the unmodified transformers model."""
@@ -43,14 +56,11 @@ class Decoder(nn.Module):
         self.layers = self.config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        cache = DynamicCache(config=self.config)
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        cache = cache_from(self.config, past)
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True)
         logits = self.head(out.last_hidden_state[:, -1:])  # [B, 1, V]
-        present = [t for i in range(self.layers) for t in (cache.layers[i].keys, cache.layers[i].values)]
-        return (logits, *present)
+        return (logits, *presents(cache))
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -79,13 +89,19 @@ def export_llm(llava: Llava, path: str | Path, *, opset: int = 21) -> Path:
     past, total = torch.export.Dim("past_sequence", min=0, max=32768), torch.export.Dim("total_sequence", min=1)
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
               tuple({0: batch, 2: past} for _ in range(2 * n)))
-    inputs, outputs = io_names(n)
-    big = sum(p.numel() * p.element_size() for p in dec.parameters()) > 1.8 * 2**30
+    return save_onnx(dec, args, io_names(n), shapes, Path(path), opset)
+
+
+def save_onnx(module: nn.Module, args, names: tuple[list[str], list[str]], shapes, path: Path,
+              opset: int) -> Path:
+    """torch.onnx.export(dynamo=True) of `module` to `path`: one file where the weights fit protobuf's 2 GB,
+    else the weights in `path`.data beside it."""
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8 * 2**30
     with torch.no_grad():
-        program = torch.onnx.export(dec, args, dynamo=True, opset_version=opset, input_names=inputs,
-                                    output_names=outputs, dynamic_shapes=shapes, external_data=big, verbose=False)
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names[0],
+                                    output_names=names[1], dynamic_shapes=shapes, external_data=big, verbose=False)
     program.save(str(path), external_data=big)
-    return Path(path)
+    return path
 
 
 def embedding_table(llava: Llava) -> np.ndarray:

@@ -25,21 +25,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from export.llm import decoder_parts, io_names, kv_shape
+from export.llm import cache_from, decoder_parts, io_names, kv_shape, presents, save_onnx
 from qapruner import quota
 from qapruner.model import Llava
 
 PREFILL_INPUTS = ["inputs_embeds", "attention_mask", "position_ids", "visual_mask"]
-
-
-def additive_mask(valid: torch.Tensor, past: int, q_len: int, dtype) -> torch.Tensor:
-    """valid [B, P + q] bool key mask -> [B, 1, q, P + q] additive mask with causal order among the last q
-    keys (the arithmetic of `qapruner.quota._mask4d`, written with shapes that may be symbolic)."""
-    total = valid.shape[1]
-    j = torch.arange(total)[None, :]                     # [1, P + q]
-    i = torch.arange(q_len)[:, None]                     # [q, 1]
-    allowed = valid[:, None, None, :] & (j <= i + past)[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class _Base(nn.Module):
@@ -52,9 +42,7 @@ class _Base(nn.Module):
         self.recipe = recipe
 
     def _outputs(self, h, cache):
-        logits = self.head(self.lm.norm(h[:, -1:]))      # [B, 1, V]
-        present = [t for i in range(self.layers) for t in (cache.layers[i].keys, cache.layers[i].values)]
-        return (logits, *present)
+        return (self.head(self.lm.norm(h[:, -1:])), *presents(cache))  # logits [B, 1, V], presents
 
 
 class RecipePrefill(_Base):
@@ -64,8 +52,10 @@ class RecipePrefill(_Base):
         r = self.recipe
         h, mask, pos = inputs_embeds, attention_mask, position_ids
         visual = visual_mask > 0
-        B, T, D = h.shape
-        start = torch.argmax(visual_mask.to(torch.int32), dim=1)  # [B] first visual position (the block is contiguous)
+        D = h.shape[-1]
+        # [B] first visual position; the block is contiguous, and everything before it is text or padding,
+        # which is never dropped, so the kept visual tokens start there at every layer
+        start = torch.argmax(visual_mask.to(torch.int32), dim=1)
         cache = DynamicCache(config=self.config)
         attn, V = None, r.v0
         for i, layer in enumerate(self.lm.layers):
@@ -83,9 +73,8 @@ class RecipePrefill(_Base):
                 order = torch.topk(torch.where(keep, ar, ar + T), T - (V - k), dim=1, largest=False).indices
                 h = torch.gather(h, 1, order[..., None].expand(-1, -1, D))
                 mask, pos, visual = (torch.gather(x, 1, order) for x in (mask, pos, visual))
-                start = torch.argmax(visual.to(torch.int32), dim=1)
                 V = k
-            h, attn = quota._layer(layer, h, additive_mask(mask > 0, 0, h.shape[1], h.dtype), pos, cache,
+            h, attn = quota._layer(layer, h, quota.additive_mask(mask, h.shape[1], h.dtype), pos, cache,
                                    self.lm.rotary_emb)
         return self._outputs(h, cache)
 
@@ -94,31 +83,20 @@ class RecipeDecode(_Base):
     """Decode steps over per-layer caches of different lengths (`qapruner.quota.step`)."""
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        cache = DynamicCache(config=self.config)
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        cache = cache_from(self.config, past)
         S = inputs_embeds.shape[1]
         pad = attention_mask.shape[1] - attention_mask.sum(1)                         # [B] left padding
         h = inputs_embeds
         for i, layer in enumerate(self.lm.layers):
             P = past[2 * i].shape[2]
             valid = torch.arange(P + S)[None, :] >= pad[:, None]                     # [B, P_i + S]
-            h, _ = quota._layer(layer, h, additive_mask(valid, P, S, h.dtype), position_ids, cache,
+            h, _ = quota._layer(layer, h, quota.additive_mask(valid, S, h.dtype), position_ids, cache,
                                 self.lm.rotary_emb)
         return self._outputs(h, cache)
 
 
 def prefill_io(num_layers: int) -> tuple[list[str], list[str]]:
     return PREFILL_INPUTS, io_names(num_layers)[1]
-
-
-def _save(module, args, names, shapes, path: Path, opset: int) -> Path:
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8 * 2**30
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names[0],
-                                    output_names=names[1], dynamic_shapes=shapes, external_data=big, verbose=False)
-    program.save(str(path), external_data=big)
-    return path
 
 
 def example_prefill(llava: Llava, recipe: quota.Recipe, batch: int = 2, text: int = 6):
@@ -145,7 +123,7 @@ def export_recipe_llm(llava: Llava, recipe: quota.Recipe, out_dir: str | Path, *
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("sequence", min=recipe.v0 + 1, max=32768)
     shapes = tuple({0: batch, 1: seq} for _ in range(4))
-    _save(RecipePrefill(llava, recipe).eval(), example_prefill(llava, recipe), prefill_io(n), shapes,
+    save_onnx(RecipePrefill(llava, recipe).eval(), example_prefill(llava, recipe), prefill_io(n), shapes,
           out_dir / "llm_prefill.onnx", opset)
     # decode: S = 2 and distinct past lengths in the example (torch.export specialises sizes 0 and 1)
     B, S = 2, 2
@@ -162,5 +140,5 @@ def export_recipe_llm(llava: Llava, recipe: quota.Recipe, out_dir: str | Path, *
     pasts = [torch.export.Dim(f"past_sequence_{i}", min=0, max=32768) for i in range(n)]
     shapes = ({0: batch, 1: seq1}, {0: batch, 1: tot}, {0: batch, 1: seq1},
               tuple({0: batch, 2: pasts[i // 2]} for i in range(2 * n)))
-    _save(RecipeDecode(llava, recipe).eval(), args, io_names(n), shapes, out_dir / "llm.onnx", opset)
+    save_onnx(RecipeDecode(llava, recipe).eval(), args, io_names(n), shapes, out_dir / "llm.onnx", opset)
     return {"prefill": "llm_prefill.onnx", "decode": "llm.onnx"}

@@ -267,14 +267,14 @@ def combine(feats: dict[str, torch.Tensor], percentiles: dict, weights: dict) ->
     return score
 
 
-def _mask4d(key_mask: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
-    """Additive mask [B, 1, q, P+q]: key padding, and causal order among the last q keys."""
-    B, total = key_mask.shape
-    past = total - q_len
-    allowed = key_mask.bool()[:, None, None, :].expand(B, 1, q_len, total).clone()
-    causal = torch.ones(q_len, total, dtype=torch.bool).tril(diagonal=past)
-    allowed &= causal
-    return torch.zeros(B, 1, q_len, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+def additive_mask(key_mask: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
+    """key_mask [B, P + q] (nonzero = valid key) -> additive mask [B, 1, q, P + q]: key padding, and causal order
+    among the last q keys. Traceable with symbolic shapes (the exported LLM builds its masks with it)."""
+    total = key_mask.shape[1]
+    j = torch.arange(total)[None, :]                     # [1, P + q]
+    i = torch.arange(q_len)[:, None]                     # [q, 1]
+    allowed = key_mask.bool()[:, None, None, :] & (j <= i + (total - q_len))[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass
@@ -324,7 +324,7 @@ def prefill(llava: Llava, recipe: Recipe | None, embeds: torch.Tensor, mask: tor
             h = h[keep].view(B, Tk, -1)
             mask, pos, visual = mask[keep].view(B, Tk), pos[keep].view(B, Tk), visual[keep].view(B, Tk)
         key_masks.append(mask.clone())
-        h, attn = _layer(layer, h, _mask4d(mask, h.shape[1], h.dtype), pos, cache, lm.rotary_emb)
+        h, attn = _layer(layer, h, additive_mask(mask, h.shape[1], h.dtype), pos, cache, lm.rotary_emb)
     logits = llava.model.lm_head(lm.norm(h[:, -1:]))
     return logits, State(cache, key_masks, pos[:, -1:], kept), records
 
@@ -337,7 +337,7 @@ def step(llava: Llava, state: State, embed: torch.Tensor) -> torch.Tensor:
     state.last_pos = state.last_pos + 1
     for i, layer in enumerate(lm.layers):
         state.key_masks[i] = torch.cat([state.key_masks[i], torch.ones_like(state.key_masks[i][:, :1])], 1)
-        h, _ = _layer(layer, h, _mask4d(state.key_masks[i], 1, h.dtype), state.last_pos, state.cache,
+        h, _ = _layer(layer, h, additive_mask(state.key_masks[i], 1, h.dtype), state.last_pos, state.cache,
                       lm.rotary_emb)
     return llava.model.lm_head(lm.norm(h))
 
@@ -417,10 +417,12 @@ def candidate_layers(stats: dict, num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, pre_retention: float = 1.0,
-              weights: dict | None = None, scoring=None, log=lambda m: None) -> Recipe:
-    """QUOTA's offline calibration: quantize `llava` under `scheme` (KV cache included), run the calibration
-    pairs through the float and the quantized decoder, derive candidate layers, sensitivities, the schedule
-    for `budget` and the token-feature percentiles, and return the recipe."""
+              weights: dict | None = None, scoring=None, quantized: Llava | None = None,
+              log=lambda m: None) -> Recipe:
+    """QUOTA's offline calibration: quantize `llava` under `scheme` (KV cache included) — or take `quantized`,
+    already made so from the same pairs at the same pre-LLM cut —, run the calibration pairs through the float
+    and the quantized decoder, derive candidate layers, sensitivities, the schedule for `budget` and the
+    token-feature percentiles, and return the recipe."""
     from qapruner.model import model_sha256
     from qapruner.pipeline import calibrator
 
@@ -429,9 +431,10 @@ def calibrate(llava: Llava, scheme: ptq.Scheme, pairs, *, budget: float = 0.30, 
         raise ValueError("QUOTA calibration needs at least one (image, prompt) pair")
     n = llava.num_image_tokens
     v0 = max(1, math.ceil(pre_retention * n - 1e-9))
-    calib = calibrator(pairs, retention=pre_retention, **({"scoring": scoring} if scoring else {})) \
-        if scheme.needs_calibration else None
-    quantized = ptq.apply(llava, scheme, calib)
+    if quantized is None:
+        calib = calibrator(pairs, retention=pre_retention, **({"scoring": scoring} if scoring else {})) \
+            if scheme.needs_calibration else None
+        quantized = ptq.apply(llava, scheme, calib)
     num_layers = llava.model.config.text_config.num_hidden_layers
     per_sample = []
     inputs = []
@@ -515,6 +518,16 @@ def fastv_recipe(llava: Llava, budget: float, pre_retention: float = 1.0, layer:
 
 
 @torch.no_grad()
+def answer(llava: Llava, recipe: Recipe | None, images, prompts, *, pre_retention: float = 1.0,
+           keep: int | None = None, scoring=None, positions: str = "original", max_new_tokens: int = 16) -> list[str]:
+    """Answer each prompt about its image: QAPruner's cut to V₀ before the LLM (`prepare`), then the recipe
+    inside it, greedy — the texts, as `qapruner.pipeline.answer` gives them."""
+    p, visual = prepare(llava, images, prompts, pre_retention=pre_retention, keep=keep, scoring=scoring,
+                        positions=positions)
+    ids = generate(llava, recipe, p, visual, max_new_tokens=max_new_tokens)
+    return [t.strip() for t in llava.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 def accuracy(llava: Llava, recipe: Recipe | None, items, *, retention: float, scoring=None, batch: int = 25) -> float:
     """Exact match of the first answer word, with pre-LLM pruning at `retention` then the recipe in the LLM."""
     from PIL import Image
@@ -524,11 +537,9 @@ def accuracy(llava: Llava, recipe: Recipe | None, items, *, retention: float, sc
     hits = 0
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        p, visual = prepare(llava, [Image.fromarray(s.image) for s, _ in chunk],
-                            [data.PROMPT.format(question=q.text) for _, q in chunk], pre_retention=retention,
-                            scoring=scoring)
-        ids = generate(llava, recipe, p, visual, max_new_tokens=2)
-        texts = llava.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = answer(llava, recipe, [Image.fromarray(s.image) for s, _ in chunk],
+                       [data.PROMPT.format(question=q.text) for _, q in chunk], pre_retention=retention,
+                       scoring=scoring, max_new_tokens=2)
         hits += sum((t.split() or [""])[0] == q.answer for t, (_, q) in zip(texts, chunk))
     return hits / len(items)
 
@@ -548,15 +559,19 @@ def evaluate(llava: Llava, scheme: ptq.Scheme, *, budget: float, pre_retention: 
     out = {}
     for m in methods:
         if m in ("quota", "fastv"):
-            recipe = calibrate(llava, scheme, calib_pairs, budget=budget, pre_retention=pre_retention, scoring=hybrid) \
-                if m == "quota" else fastv_recipe(llava, budget, pre_retention)
             retention, scoring = pre_retention, hybrid
         else:
-            recipe, retention = None, budget
+            retention = budget
             scoring = Scoring(semantic="cls", alpha=1.0, group_size=hybrid.group_size) if m == "visionzip" \
                 else hybrid
         calib = calibrator(calib_pairs, retention=retention, scoring=scoring) if scheme.needs_calibration else None
         q = ptq.apply(llava, scheme, calib)
+        recipe = None
+        if m == "quota":  # calibrated on the model just quantized (the same pairs at the same cut)
+            recipe = calibrate(llava, scheme, calib_pairs, budget=budget, pre_retention=pre_retention,
+                               scoring=hybrid, quantized=q)
+        elif m == "fastv":
+            recipe = fastv_recipe(llava, budget, pre_retention)
         out[m] = {"accuracy": accuracy(q, recipe, items, retention=retention, scoring=scoring),
                   "processed": recipe.achieved if recipe is not None else retention,
                   "layers": list(recipe.layers) if recipe else [], "keeps": list(recipe.keeps) if recipe else []}

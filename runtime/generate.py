@@ -66,10 +66,10 @@ def visual_mask(input_ids: np.ndarray, indices: np.ndarray, image_token_id: int)
 def greedy(llm: Infer, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
            table: np.ndarray, *, num_layers: int, kv_heads: int, head_dim: int, eos_ids, pad_id: int,
            max_new_tokens: int = 16, on_step: Callable[[np.ndarray], None] | None = None,
-           prefill: Infer | None = None, prefill_feeds: dict | None = None) -> np.ndarray:
+           prefill: Infer | None = None) -> np.ndarray:
     """Greedy decoding: prefill with an empty past, then one token per step with the presents fed back.
-    With `prefill` (a QUOTA artifact's prefill graph, fed `prefill_feeds` too) the first step runs there and
-    each layer's present has its own length. Returns token ids [B, ≤ max_new_tokens]; rows that ended are
+    With `prefill` (a QUOTA artifact's prefill graph, given the same feeds but no past) the first step runs
+    there and each layer's present has its own length. Returns token ids [B, ≤ max_new_tokens]; rows that ended are
     padded with `pad_id`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -82,8 +82,7 @@ def greedy(llm: Infer, inputs_embeds: np.ndarray, attention_mask: np.ndarray, po
     out_tokens = []
     for step in range(max_new_tokens):
         feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask, "position_ids": pos}
-        out = prefill({**feeds, **(prefill_feeds or {})}) if step == 0 and prefill is not None else \
-            llm({**feeds, **past})
+        out = prefill(feeds) if step == 0 and prefill is not None else llm({**feeds, **past})
         nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)
         nxt = np.where(done, pad_id, nxt)
         out_tokens.append(nxt)

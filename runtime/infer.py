@@ -69,9 +69,13 @@ def run(art: Artifact, images: list, prompts: list[str], max_new_tokens: int = 1
     embeds, attn, pos = splice(input_ids, mask, v["tokens"], v["indices"], art.table, toks["image_token_id"],
                                m["positions"])
     special = toks["special_ids"]
-    # a QUOTA artifact's prefill graph drops visual tokens inside the LLM: it is told where they are
-    prefill_feeds = {"visual_mask": visual_mask(input_ids, v["indices"], toks["image_token_id"])} \
-        if art.llm_prefill is not None else None
+    if art.llm_prefill is not None:  # a QUOTA artifact drops visual tokens inside the LLM: tell it where they are
+        where = {"visual_mask": visual_mask(input_ids, v["indices"], toks["image_token_id"])}
+
+        def prefill(feeds):
+            return art.llm_prefill.infer({**feeds, **where})
+    else:
+        prefill = None
     steps: list[float] = []
     generated: list[np.ndarray] = []
 
@@ -85,8 +89,7 @@ def run(art: Artifact, images: list, prompts: list[str], max_new_tokens: int = 1
     cfg = m["llm"]
     ids = greedy(art.llm.infer, embeds, attn, pos, art.table, num_layers=cfg["num_layers"], kv_heads=cfg["kv_heads"],
                  head_dim=cfg["head_dim"], eos_ids=toks["eos_token_ids"], pad_id=toks["pad_token_id"],
-                 max_new_tokens=max_new_tokens, on_step=on_step,
-                 prefill=art.llm_prefill.infer if art.llm_prefill is not None else None, prefill_feeds=prefill_feeds)
+                 max_new_tokens=max_new_tokens, on_step=on_step, prefill=prefill)
     t3 = time.perf_counter()
     decode_s = steps[-1] - steps[0] if len(steps) > 1 else 0.0
     return {

@@ -40,9 +40,8 @@ def recipe_path(deep, images, tmp_path_factory):
 
 
 def _reference(llava, recipe, images, prompts, max_new_tokens=6):
-    p, visual = quota.prepare(llava, images, prompts, keep=recipe.v0, scoring=Scoring(group_size=64))
-    ids = quota.generate(llava, recipe, p, visual, max_new_tokens=max_new_tokens)
-    return [t.strip() for t in llava.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return quota.answer(llava, recipe, images, prompts, keep=recipe.v0, scoring=Scoring(group_size=64),
+                        max_new_tokens=max_new_tokens)
 
 
 def test_keep_top_breaks_ties_by_the_lower_index_like_onnx_topk(tmp_path):
